@@ -1,0 +1,109 @@
+"""Paged KV cache storage and attention over it.
+
+The cache is one tensor per layer for K and V, laid out as flat token slots
+(`num_blocks * block_size`); a sequence's block table maps its positions to slots. The block
+manager decides which blocks a sequence owns; this file only reads and writes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+@dataclass
+class PrefillSpan:
+    """A chunk of one sequence's prompt in this step: rows [start, start+length) of the batch."""
+
+    start: int
+    length: int
+    context_len: int  # tokens in the cache for this sequence after this step
+    kv_slots: torch.Tensor  # [context_len] flat cache slots of positions 0..context_len-1
+
+
+@dataclass
+class AttentionBatch:
+    """Where each token of the step lives. Rows [0, num_prefill_tokens) are prefill spans; the rest decode."""
+
+    positions: torch.Tensor  # [T]
+    slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
+    prefills: list[PrefillSpan]
+    num_prefill_tokens: int
+    decode_kv_slots: torch.Tensor | None  # [D, max_context] flat slots, padded with 0
+    decode_context_lens: torch.Tensor | None  # [D]
+    decode_positions: torch.Tensor | None  # [D] position of each decode token
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv: KVCache,
+    layer: int,
+    attn: AttentionBatch,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Write this step's K/V into the cache, then attend each token to its sequence's cached context.
+
+    q [T, H, D], k/v [T, Hkv, D] -> [T, H, D].
+    """
+    k_cache, v_cache = kv.k[layer], kv.v[layer]
+    k_cache.index_copy_(0, attn.slot_mapping, k)
+    v_cache.index_copy_(0, attn.slot_mapping, v)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != k.shape[1]
+    for span in attn.prefills:
+        rows = slice(span.start, span.start + span.length)
+        keys = k_cache.index_select(0, span.kv_slots).transpose(0, 1)  # [Hkv, ctx, D]
+        values = v_cache.index_select(0, span.kv_slots).transpose(0, 1)
+        q_pos = torch.arange(span.context_len - span.length, span.context_len, device=q.device)
+        k_pos = torch.arange(span.context_len, device=q.device)
+        mask = k_pos.unsqueeze(0) <= q_pos.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= (q_pos.unsqueeze(1) - k_pos.unsqueeze(0)) < sliding_window
+        o = F.scaled_dot_product_attention(
+            q[rows].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        out[rows] = o.transpose(0, 1)
+    p = attn.num_prefill_tokens
+    if attn.decode_kv_slots is not None and p < q.shape[0]:
+        assert attn.decode_context_lens is not None and attn.decode_positions is not None
+        d, max_ctx = attn.decode_kv_slots.shape
+        flat = attn.decode_kv_slots.reshape(-1)
+        keys = k_cache.index_select(0, flat).reshape(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)
+        values = v_cache.index_select(0, flat).reshape(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
+        k_pos = torch.arange(max_ctx, device=q.device).unsqueeze(0)
+        mask = k_pos < attn.decode_context_lens.unsqueeze(1)
+        if sliding_window is not None:
+            mask &= (attn.decode_positions.unsqueeze(1) - k_pos) < sliding_window
+        o = F.scaled_dot_product_attention(
+            q[p:].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+        )
+        out[p:] = o.squeeze(2)
+    return out

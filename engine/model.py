@@ -1,0 +1,178 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, with LoRA-aware projections.
+
+One file, no framework (gpt-fast style). q/k/v and gate/up are fused into one matmul each; LoRA
+deltas are added into column slices of the fused output through `kernels.LoraOps`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionBatch, KVCache, paged_attention
+from engine.model_arch import ModelArch
+from kernels.lora_ops import LoraBatch, LoraOps
+
+# Fused projection -> the LoRA target modules it holds, in column order.
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+                 "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraWeights:
+    """Stacked device slots of one target module in one layer (owned by the adapter slot table)."""
+
+    lora_a: torch.Tensor  # [S, R, in]
+    lora_b: torch.Tensor  # [S, out, R]
+    scaling: torch.Tensor  # [S]
+
+
+@dataclass
+class LoraContext:
+    """What every LoRA layer of one step needs: slot weights, per-token slots, the op dispatcher."""
+
+    weights: list[dict[str, LoraWeights]]  # per layer: module name -> slots
+    batch: LoraBatch
+    ops: LoraOps
+
+
+def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
+    dim = arch.head_dim
+    inv = 1.0 / (arch.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if arch.rope_type == "linear":
+        return inv / arch.rope_factor
+    if arch.rope_type == "llama3":
+        low_wavelen = arch.rope_original_max_pos / arch.rope_low_freq_factor
+        high_wavelen = arch.rope_original_max_pos / arch.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wavelen, inv / arch.rope_factor, inv)
+        smooth = (arch.rope_original_max_pos / wavelen - arch.rope_low_freq_factor) / (
+            arch.rope_high_freq_factor - arch.rope_low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / arch.rope_factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; cos/sin [T, D] (rotate-half layout, as Hugging Face Llama)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class LoraLinear(nn.Module):
+    """A (possibly fused) projection; `slices` name the target modules and their output widths."""
+
+    def __init__(self, in_features: int, slices: dict[str, int], bias: bool) -> None:
+        super().__init__()
+        self.slices = slices
+        out = sum(slices.values())
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, lora: LoraContext | None, layer: int) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if lora is not None and lora.batch.any_adapter:
+            weights = lora.weights[layer]
+            offset = 0
+            for name, width in self.slices.items():
+                slot = weights.get(name)
+                if slot is not None:
+                    lora.ops.apply(x, out, slot.lora_a, slot.lora_b, slot.scaling, lora.batch, offset)
+                offset += width
+        return out
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, index: int) -> None:
+        super().__init__()
+        self.arch = arch
+        self.index = index
+        h = arch.hidden_size
+        self.input_layernorm = RMSNorm(h, arch.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, arch.rms_norm_eps)
+        self.qkv_proj = LoraLinear(
+            h, {"q_proj": arch.q_size, "k_proj": arch.kv_size, "v_proj": arch.kv_size}, arch.qkv_bias
+        )
+        self.o_proj = LoraLinear(arch.q_size, {"o_proj": h}, False)
+        self.gate_up_proj = LoraLinear(
+            h, {"gate_proj": arch.intermediate_size, "up_proj": arch.intermediate_size}, False
+        )
+        self.down_proj = LoraLinear(arch.intermediate_size, {"down_proj": h}, False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBatch,
+        kv: KVCache,
+        lora: LoraContext | None,
+    ) -> torch.Tensor:
+        a = self.arch
+        t = x.shape[0]
+        residual = x
+        hidden = self.input_layernorm(x)
+        qkv = self.qkv_proj(hidden, lora, self.index)
+        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
+        q = apply_rope(q.reshape(t, a.num_heads, a.head_dim), cos, sin)
+        k = apply_rope(k.reshape(t, a.num_kv_heads, a.head_dim), cos, sin)
+        v = v.reshape(t, a.num_kv_heads, a.head_dim)
+        ctx = paged_attention(q, k, v, kv, self.index, attn, a.head_dim**-0.5, a.sliding_window)
+        x = residual + self.o_proj(ctx.reshape(t, a.q_size), lora, self.index)
+        residual = x
+        hidden = self.post_attention_layernorm(x)
+        gate, up = self.gate_up_proj(hidden, lora, self.index).split(a.intermediate_size, dim=-1)
+        return residual + self.down_proj(F.silu(gate) * up, lora, self.index)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, arch: ModelArch) -> None:
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head_weight: torch.Tensor | None = None  # None when tied to the embedding
+        self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
+
+    @torch.inference_mode()
+    def forward(
+        self, input_ids: torch.Tensor, attn: AttentionBatch, kv: KVCache, lora: LoraContext | None
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        freqs = attn.positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn, kv, lora)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

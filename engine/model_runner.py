@@ -1,0 +1,121 @@
+"""Turns one scheduled batch into tensors, runs the model over the paged cache, samples the next tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.adapter_slots import AdapterSlots
+from engine.attention import AttentionBatch, KVCache, PrefillSpan
+from engine.block_manager import BlockManager
+from engine.model import CausalLM, LoraContext
+from engine.sampler import SampleRow, sample
+from engine.scheduler import ScheduledBatch, ScheduledSeq
+from engine.sequence import Sequence
+from kernels.lora_ops import LoraBatch, LoraOps
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    seq: Sequence
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+class ModelRunner:
+    def __init__(
+        self, model: CausalLM, kv: KVCache, blocks: BlockManager, slots: AdapterSlots, lora_ops: LoraOps, device: str
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.blocks = blocks
+        self.slots = slots
+        self.lora_ops = lora_ops
+        self.device = torch.device(device)
+
+    def _slots_of(self, seq_ids: list[str], lengths: list[int]) -> torch.Tensor:
+        """[len(seq_ids), max(lengths)] flat cache slots of positions 0..length-1, padded with slot 0."""
+        bs = self.blocks.block_size
+        max_len = max(lengths)
+        max_blocks = -(-max_len // bs)
+        table = torch.zeros(len(seq_ids), max_blocks, dtype=torch.long)
+        for i, sid in enumerate(seq_ids):
+            t = self.blocks.table(sid)[:max_blocks]
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        slots = (table.unsqueeze(2) * bs + torch.arange(bs)).reshape(len(seq_ids), -1)[:, :max_len]
+        valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+        return torch.where(valid, slots, torch.zeros_like(slots)).to(self.device)
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+        rows: list[ScheduledSeq] = batch.prefills + batch.decodes
+        input_ids: list[int] = []
+        positions: list[int] = []
+        token_slots: list[int] = []
+        spans: list[PrefillSpan] = []
+        logit_rows: list[int] = []
+        prompt_lp_rows: list[tuple[Sequence, int, int]] = []  # (seq, batch row, prompt position predicted)
+        sampled_seqs: list[Sequence] = []
+
+        prefill_ctx = [s.seq.num_computed + s.num_tokens for s in batch.prefills]
+        prefill_slots = (
+            self._slots_of([s.seq.request_id for s in batch.prefills], prefill_ctx) if batch.prefills else None
+        )
+        for i, s in enumerate(rows):
+            seq, start = s.seq, s.seq.num_computed
+            row0 = len(input_ids)
+            for pos in range(start, start + s.num_tokens):
+                input_ids.append(seq.token_at(pos))
+                positions.append(pos)
+                token_slots.append(seq.adapter_slot)
+            if i < len(batch.prefills):
+                assert prefill_slots is not None
+                spans.append(PrefillSpan(row0, s.num_tokens, prefill_ctx[i], prefill_slots[i, : prefill_ctx[i]]))
+                if seq.wants_prompt_logprobs:
+                    for pos in range(start, start + s.num_tokens):
+                        if pos + 1 < len(seq.prompt_ids) and len(seq.prompt_logprobs) == pos + 1:
+                            prompt_lp_rows.append((seq, row0 + pos - start, pos + 1))
+            if s.samples:
+                logit_rows.append(row0 + s.num_tokens - 1)
+                sampled_seqs.append(seq)
+
+        slot_mapping = [self.blocks.slot(s.seq.request_id, p) for s in rows for p in range(s.seq.num_computed, s.seq.num_computed + s.num_tokens)]
+        num_prefill = sum(s.num_tokens for s in batch.prefills)
+        dev = self.device
+        decode_slots = decode_lens = decode_pos = None
+        if batch.decodes:
+            lens = [s.seq.num_computed + 1 for s in batch.decodes]
+            decode_slots = self._slots_of([s.seq.request_id for s in batch.decodes], lens)
+            decode_lens = torch.tensor(lens, device=dev)
+            decode_pos = torch.tensor([n - 1 for n in lens], device=dev)
+        attn = AttentionBatch(
+            positions=torch.tensor(positions, device=dev),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
+            prefills=spans,
+            num_prefill_tokens=num_prefill,
+            decode_kv_slots=decode_slots,
+            decode_context_lens=decode_lens,
+            decode_positions=decode_pos,
+        )
+        lora = None
+        if any(slot >= 0 for slot in token_slots):
+            lora = LoraContext(self.slots.layers, LoraBatch.build(token_slots, num_prefill, dev), self.lora_ops)
+        hidden = self.model(torch.tensor(input_ids, device=dev), attn, self.kv, lora)
+
+        if prompt_lp_rows:
+            lp = self.model.logits(hidden[[r for _, r, _ in prompt_lp_rows]]).log_softmax(-1)
+            for j, (seq, _, pos) in enumerate(prompt_lp_rows):
+                seq.prompt_logprobs.append(float(lp[j, seq.prompt_ids[pos]]))
+        if not logit_rows:
+            return []
+        logits = self.model.logits(hidden[logit_rows])
+        sample_rows = [
+            SampleRow(seq.params, seq.generator, seq.prompt_ids + seq.output_ids, seq.output_ids) for seq in sampled_seqs
+        ]
+        result = sample(logits, sample_rows)
+        return [
+            SampledToken(seq, tok, lp, top)
+            for seq, tok, lp, top in zip(sampled_seqs, result.token_ids, result.logprobs, result.top_tokens)
+        ]

@@ -1,0 +1,524 @@
+"""Triton kernels for the four LoRA ops, same signatures and semantics as `kernels.reference`.
+
+BGMV (decode, one slot per token) is a batch of matrix-vector products, so it is memory-bound: the
+work is streaming each token's A (R x in) or B (out x R) slice once. Shrink therefore spreads a token
+over several programs by rank rows (no reduction needed) and, when that is still too few programs to
+fill the GPU, splits the `in` dim and reduces fp32 partials in a second tiny kernel (deterministic,
+unlike atomics, which keeps float32 greedy decoding reproducible). Expand tiles the output dim.
+
+SGMV (prefill, contiguous segments sharing a slot) uses `tl.dot` on [BLOCK_M tokens] tiles. The grid
+is (segments, cdiv(T, BLOCK_M)[, out tiles]): the true segment lengths live on the device and reading
+them would be a host sync, so programs past their segment's end exit immediately.
+
+All kernels accumulate in fp32, take every tensor's strides (so `out` may be a column slice of a fused
+qkv / gate-up output), mask ragged edges, and treat slot -1 as "no adapter".
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["bgmv_expand", "bgmv_shrink", "sgmv_expand", "sgmv_shrink"]
+
+# When the kernels run under the interpreter (CPU tensors), there is no SM count to query; a small
+# number keeps the interpreted grids small while still exercising the split paths.
+_CPU_SM_COUNT = 4
+# Programs per SM to aim for in memory-bound launches: two waves hide the tail of the first.
+_PROGRAMS_PER_SM = 2
+# Elements per loaded BGMV tile and warps per BGMV program: 4-8K elements over 4 warps keeps several
+# 16-byte vector loads per thread in flight without spilling registers. Module-level so that
+# loadtests/gpu_check.py can sweep them on a real card.
+_TILE_ELEMS = 4096
+_BGMV_NUM_WARPS = 4
+_MAX_SPLIT_K = 16
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _CPU_SM_COUNT
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    return _sm_count(device) * _PROGRAMS_PER_SM
+
+
+def _pad_rank(rank: int) -> int:
+    # tl.dot needs every block dim >= 16; BGMV uses the same padding so the two paths agree.
+    return max(16, triton.next_power_of_2(rank))
+
+
+def _pick_split_k(useful_programs: int, k_blocks: int, device: torch.device) -> int:
+    """How many slices to cut the `in` dim into so the launch fills the GPU (1 = no split)."""
+    target = _target_programs(device)
+    # Within a factor of two of the target the second (reduce) launch costs more than it wins.
+    if 2 * useful_programs >= target or k_blocks <= 1:
+        return 1
+    return max(1, min(triton.cdiv(target, max(useful_programs, 1)), k_blocks, _MAX_SPLIT_K))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Float32 LoRA must match PEFT token for token; TF32 (Triton's default for fp32 dots) would not.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    slots_ptr,
+    out_ptr,
+    rank,
+    in_features,
+    k_per_split,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_os,
+    stride_ot,
+    stride_or,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pid_r = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    slot = tl.load(slots_ptr + tok)
+    active = slot >= 0
+    slot = tl.maximum(slot, 0).to(tl.int64)
+
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    k_lo = pid_k * k_per_split
+    # Inactive tokens run zero iterations but still store, so h needs no separate zero-fill launch.
+    k_hi = tl.where(active, tl.minimum(k_lo + k_per_split, in_features), k_lo)
+
+    x_row = x_ptr + tok * stride_xt
+    a_base = a_ptr + slot * stride_as + offs_r[:, None].to(tl.int64) * stride_ar
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+        av = tl.load(a_base + offs_k[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += av.to(tl.float32) * xv[None, :]
+    res = tl.sum(acc, axis=1)
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + tok * stride_ot + offs_r * stride_or
+    tl.store(out, res.to(out_ptr.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_ptr,
+    out_ptr,
+    num_rows,
+    rank,
+    num_splits,
+    stride_ps,
+    stride_pt,
+    stride_pr,
+    stride_ot,
+    stride_or,
+    BLOCK_T: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask = (offs_t[:, None] < num_rows) & (offs_r[None, :] < rank)
+    rows = offs_t[:, None].to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
+    for s in range(0, num_splits):
+        acc += tl.load(part_ptr + s * stride_ps + rows * stride_pt + offs_r[None, :] * stride_pr, mask=mask)
+    tl.store(out_ptr + rows * stride_ot + offs_r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    h_ptr,
+    b_ptr,
+    slots_ptr,
+    scale_ptr,
+    out_ptr,
+    rank,
+    out_features,
+    stride_ht,
+    stride_hr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ot,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    slot = tl.load(slots_ptr + tok)
+    if slot < 0:
+        return
+    slot = slot.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_mask = offs_r < rank
+    n_mask = offs_n < out_features
+
+    hv = tl.load(h_ptr + tok * stride_ht + offs_r * stride_hr, mask=r_mask, other=0.0).to(tl.float32)
+    b_ptrs = b_ptr + slot * stride_bs + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br
+    bv = tl.load(b_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+    delta = tl.sum(bv * hv[None, :], axis=1) * tl.load(scale_ptr + slot).to(tl.float32)
+
+    o_ptrs = out_ptr + tok * stride_ot + offs_n * stride_on
+    base = tl.load(o_ptrs, mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (base + delta).to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    starts_ptr,
+    lens_ptr,
+    slots_ptr,
+    out_ptr,
+    rank,
+    in_features,
+    k_per_split,
+    stride_xt,
+    stride_xk,
+    stride_as,
+    stride_ar,
+    stride_ak,
+    stride_os,
+    stride_ot,
+    stride_or,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    seg_len = tl.load(lens_ptr + seg)
+    slot = tl.load(slots_ptr + seg)
+    # The grid covers the longest possible segment (T rows); most tiles of short segments land here.
+    if (slot < 0) | (pid_m * BLOCK_M >= seg_len):
+        return
+    start = tl.load(starts_ptr + seg)
+    slot = slot.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    rows = (start + offs_m).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, in_features)
+
+    x_base = x_ptr + rows[:, None] * stride_xt
+    a_base = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar
+    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_hi
+        xv = tl.load(x_base + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_k[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        acc = tl.dot(xv, at.to(xv.dtype), acc, input_precision=DOT_PRECISION)
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + rows[:, None] * stride_ot + offs_r[None, :] * stride_or
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    h_ptr,
+    b_ptr,
+    starts_ptr,
+    lens_ptr,
+    slots_ptr,
+    scale_ptr,
+    out_ptr,
+    rank,
+    out_features,
+    stride_ht,
+    stride_hr,
+    stride_bs,
+    stride_bn,
+    stride_br,
+    stride_ot,
+    stride_on,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seg = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    seg_len = tl.load(lens_ptr + seg)
+    slot = tl.load(slots_ptr + seg)
+    if (slot < 0) | (pid_m * BLOCK_M >= seg_len):
+        return
+    start = tl.load(starts_ptr + seg)
+    slot = slot.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < seg_len
+    rows = (start + offs_m).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_features
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+
+    hv = tl.load(
+        h_ptr + rows[:, None] * stride_ht + offs_r[None, :] * stride_hr,
+        mask=m_mask[:, None] & r_mask[None, :],
+        other=0.0,
+    )
+    bt = tl.load(
+        b_ptr + slot * stride_bs + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+        mask=r_mask[:, None] & n_mask[None, :],
+        other=0.0,
+    )
+    acc = tl.dot(hv, bt.to(hv.dtype), input_precision=DOT_PRECISION)
+    acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + offs_n[None, :] * stride_on
+    base = tl.load(o_ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(o_ptrs, (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# launchers (signatures mirror kernels.reference exactly)
+
+
+def _reduce_into(partial: torch.Tensor, out: torch.Tensor) -> None:
+    splits, rows, rank = partial.shape
+    block_r = triton.next_power_of_2(rank)
+    block_t = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMS // block_r))
+    _reduce_splits_kernel[(triton.cdiv(rows, block_t),)](
+        partial,
+        out,
+        rows,
+        rank,
+        splits,
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        out.stride(0),
+        out.stride(1),
+        BLOCK_T=block_t,
+        BLOCK_R=block_r,
+    )
+
+
+def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    num_tokens, in_features = x.shape
+    rank = lora_a.shape[1]
+    if num_tokens == 0 or rank == 0 or in_features == 0:
+        return torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
+
+    rank_pad = triton.next_power_of_2(rank)
+    # Splitting by rank rows first costs only L2 re-reads of x; stop at 4 rows so those stay cheap.
+    target = _target_programs(x.device)
+    block_r = rank_pad
+    while block_r > 4 and num_tokens * triton.cdiv(rank, block_r) < target:
+        block_r //= 2
+    block_k = min(max(16, _TILE_ELEMS // block_r), triton.next_power_of_2(in_features))
+    r_blocks = triton.cdiv(rank, block_r)
+    k_blocks = triton.cdiv(in_features, block_k)
+    split = _pick_split_k(num_tokens * r_blocks, k_blocks, x.device)
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(in_features, k_per_split)
+
+    out = torch.empty(num_tokens, rank, dtype=x.dtype, device=x.device)
+    if split == 1:
+        dest, stride_os = out, 0
+    else:
+        dest = torch.empty(split, num_tokens, rank, dtype=torch.float32, device=x.device)
+        stride_os = dest.stride(0)
+    _bgmv_shrink_kernel[(num_tokens, r_blocks, split)](
+        x,
+        lora_a,
+        token_slots,
+        dest,
+        rank,
+        in_features,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        stride_os,
+        dest.stride(-2),
+        dest.stride(-1),
+        BLOCK_R=block_r,
+        BLOCK_K=block_k,
+        num_warps=_BGMV_NUM_WARPS,
+    )
+    if split > 1:
+        _reduce_into(dest, out)
+    return out
+
+
+def bgmv_expand(
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    token_slots: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+    slice_offset: int = 0,
+) -> None:
+    num_tokens = h.shape[0]
+    out_features, rank = lora_b.shape[1], lora_b.shape[2]
+    if num_tokens == 0 or out_features == 0 or rank == 0:
+        return
+    view = out[:, slice_offset : slice_offset + out_features]
+    rank_pad = triton.next_power_of_2(rank)
+    block_n = min(max(16, _TILE_ELEMS // rank_pad), 1024, triton.next_power_of_2(out_features))
+    grid = (num_tokens, triton.cdiv(out_features, block_n))
+    _bgmv_expand_kernel[grid](
+        h,
+        lora_b,
+        token_slots,
+        scaling,
+        view,
+        rank,
+        out_features,
+        h.stride(0),
+        h.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        lora_b.stride(2),
+        view.stride(0),
+        view.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_R=rank_pad,
+        num_warps=_BGMV_NUM_WARPS,
+    )
+
+
+def _sgmv_block_m(num_tokens: int, num_segments: int) -> int:
+    # Short segments (many sequences in one prefill) waste most of a big tile; long ones want reuse of A/B.
+    avg = max(1, num_tokens // max(num_segments, 1))
+    return 16 if avg <= 16 else 32 if avg <= 64 else 64
+
+
+def sgmv_shrink(
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    seg_slots: torch.Tensor,
+) -> torch.Tensor:
+    num_tokens, in_features = x.shape
+    rank = lora_a.shape[1]
+    num_segments = seg_starts.shape[0]
+    out = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
+    if num_tokens == 0 or num_segments == 0 or rank == 0 or in_features == 0:
+        return out
+
+    rank_pad = _pad_rank(rank)
+    block_m = _sgmv_block_m(num_tokens, num_segments)
+    # Keep the [BLOCK_K, R] A tile near 4K elements so wide ranks do not spill registers.
+    block_k = min(max(32, _TILE_ELEMS // rank_pad), 128, max(16, triton.next_power_of_2(in_features)))
+    k_blocks = triton.cdiv(in_features, block_k)
+    m_tiles = triton.cdiv(num_tokens, block_m)
+    # Segments partition at most T rows, so real tiles number at most m_tiles + segments.
+    split = _pick_split_k(m_tiles + num_segments - 1, k_blocks, x.device)
+    k_per_split = triton.cdiv(k_blocks, split) * block_k
+    split = triton.cdiv(in_features, k_per_split)
+    if split == 1:
+        dest, stride_os = out, 0
+    else:
+        # Zeroed because rows outside every segment are never written by the kernel.
+        dest = torch.zeros(split, num_tokens, rank, dtype=torch.float32, device=x.device)
+        stride_os = dest.stride(0)
+    _sgmv_shrink_kernel[(num_segments, m_tiles, split)](
+        x,
+        lora_a,
+        seg_starts,
+        seg_lens,
+        seg_slots,
+        dest,
+        rank,
+        in_features,
+        k_per_split,
+        x.stride(0),
+        x.stride(1),
+        lora_a.stride(0),
+        lora_a.stride(1),
+        lora_a.stride(2),
+        stride_os,
+        dest.stride(-2),
+        dest.stride(-1),
+        BLOCK_M=block_m,
+        BLOCK_K=block_k,
+        BLOCK_R=rank_pad,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=4,
+        num_stages=3,
+    )
+    if split > 1:
+        _reduce_into(dest, out)
+    return out
+
+
+def sgmv_expand(
+    h: torch.Tensor,
+    lora_b: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_lens: torch.Tensor,
+    seg_slots: torch.Tensor,
+    scaling: torch.Tensor,
+    out: torch.Tensor,
+    slice_offset: int = 0,
+) -> None:
+    num_tokens = h.shape[0]
+    out_features, rank = lora_b.shape[1], lora_b.shape[2]
+    num_segments = seg_starts.shape[0]
+    if num_tokens == 0 or num_segments == 0 or out_features == 0 or rank == 0:
+        return
+    view = out[:, slice_offset : slice_offset + out_features]
+    rank_pad = _pad_rank(rank)
+    block_m = _sgmv_block_m(num_tokens, num_segments)
+    block_n = min(128 if rank_pad <= 64 else 64, max(16, triton.next_power_of_2(out_features)))
+    grid = (num_segments, triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
+    _sgmv_expand_kernel[grid](
+        h,
+        lora_b,
+        seg_starts,
+        seg_lens,
+        seg_slots,
+        scaling,
+        view,
+        rank,
+        out_features,
+        h.stride(0),
+        h.stride(1),
+        lora_b.stride(0),
+        lora_b.stride(1),
+        lora_b.stride(2),
+        view.stride(0),
+        view.stride(1),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_R=rank_pad,
+        DOT_PRECISION=_dot_precision(h.dtype),
+        # The fp32 accumulator plus the loaded `out` tile need ~128 registers per thread at 4 warps
+        # for a 64x128 tile, which spills on sm_90; 8 warps halves that.
+        num_warps=8 if block_m * block_n >= 8192 else 4,
+        num_stages=2,
+    )
