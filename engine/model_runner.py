@@ -75,7 +75,7 @@ class ModelRunner:
                 spans.append(PrefillSpan(row0, s.num_tokens, prefill_ctx[i], prefill_slots[i, : prefill_ctx[i]]))
                 if seq.wants_prompt_logprobs:
                     for pos in range(start, start + s.num_tokens):
-                        if pos + 1 < len(seq.prompt_ids) and len(seq.prompt_logprobs) == pos + 1:
+                        if pos + 1 < len(seq.prompt_ids) and len(seq.prompt_logprobs) <= pos + 1:
                             prompt_lp_rows.append((seq, row0 + pos - start, pos + 1))
             if s.samples:
                 logit_rows.append(row0 + s.num_tokens - 1)

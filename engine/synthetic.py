@@ -52,13 +52,22 @@ def build_tokenizer(directory: Path, vocab_size: int = 512, style: str = "byte_l
         tok.decoder = decoders.Sequence(
             [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
-        alphabet = [f"<0x{i:02X}>" for i in range(256)]
-        specials = specials + alphabet
         alphabet = []
     else:
         raise ValueError(f"style must be 'byte_level' or 'metaspace', got {style!r}")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(_CORPUS, trainer=trainer)
+    if style == "metaspace":
+        # Byte-fallback pieces <0x00>..<0xFF> must be ordinary vocabulary (as in SentencePiece), not
+        # special tokens, or skip_special_tokens would drop every byte-encoded character.
+        state = json.loads(tok.to_str())["model"]
+        vocab = dict(state["vocab"])
+        for i in range(256):
+            vocab.setdefault(f"<0x{i:02X}>", len(vocab))
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+        tok.model = models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(

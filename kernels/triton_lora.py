@@ -67,6 +67,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _upcast_dot(t: torch.Tensor) -> bool:
+    # Triton's CPU interpreter (3.9) keeps bfloat16 as raw uint16 and feeds those bits to np.matmul;
+    # there we multiply in fp32 instead, which is exact for bf16 products. GPUs keep bf16 tensor cores.
+    return t.dtype == torch.bfloat16 and not t.is_cuda
+
+
 # --------------------------------------------------------------------------------------------------
 # kernels
 
@@ -95,26 +101,28 @@ def _bgmv_shrink_kernel(
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
     slot = tl.load(slots_ptr + tok)
-    active = slot >= 0
-    slot = tl.maximum(slot, 0).to(tl.int64)
-
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
-    k_lo = pid_k * k_per_split
-    # Inactive tokens run zero iterations but still store, so h needs no separate zero-fill launch.
-    k_hi = tl.where(active, tl.minimum(k_lo + k_per_split, in_features), k_lo)
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + tok * stride_ot + offs_r * stride_or
+    if slot < 0:
+        # Writing the zeros here spares h a separate zero-fill launch.
+        tl.store(out, tl.zeros([BLOCK_R], dtype=out_ptr.dtype.element_ty), mask=r_mask)
+        return
+    slot = slot.to(tl.int64)
 
+    k_lo = pid_k * k_per_split
+    k_end = tl.minimum(k_lo + k_per_split, in_features)
     x_row = x_ptr + tok * stride_xt
     a_base = a_ptr + slot * stride_as + offs_r[:, None].to(tl.int64) * stride_ar
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
+    # Loop bounds stay plain integers (older Triton interpreters cannot iterate over tensor bounds).
+    for k in range(0, k_per_split, BLOCK_K):
+        offs_k = k_lo + k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
         xv = tl.load(x_row + offs_k * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
         av = tl.load(a_base + offs_k[None, :] * stride_ak, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
         acc += av.to(tl.float32) * xv[None, :]
     res = tl.sum(acc, axis=1)
-    out = out_ptr + pid_k.to(tl.int64) * stride_os + tok * stride_ot + offs_r * stride_or
     tl.store(out, res.to(out_ptr.dtype.element_ty), mask=r_mask)
 
 
@@ -140,7 +148,9 @@ def _reduce_splits_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_R], dtype=tl.float32)
     for s in range(0, num_splits):
         acc += tl.load(part_ptr + s * stride_ps + rows * stride_pt + offs_r[None, :] * stride_pr, mask=mask)
-    tl.store(out_ptr + rows * stride_ot + offs_r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        out_ptr + rows * stride_ot + offs_r[None, :] * stride_or, acc.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -206,6 +216,7 @@ def _sgmv_shrink_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -224,17 +235,20 @@ def _sgmv_shrink_kernel(
     offs_r = tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
     k_lo = pid_k * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, in_features)
+    k_end = tl.minimum(k_lo + k_per_split, in_features)
 
     x_base = x_ptr + rows[:, None] * stride_xt
     a_base = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-    for k in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < k_hi
+    for k in range(0, k_per_split, BLOCK_K):
+        offs_k = k_lo + k + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < k_end
         xv = tl.load(x_base + offs_k[None, :] * stride_xk, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_base + offs_k[:, None] * stride_ak, mask=k_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(xv, at.to(xv.dtype), acc, input_precision=DOT_PRECISION)
+        if UPCAST_DOT:
+            acc = tl.dot(xv.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xv, at.to(xv.dtype), acc, input_precision=DOT_PRECISION)
     out = out_ptr + pid_k.to(tl.int64) * stride_os + rows[:, None] * stride_ot + offs_r[None, :] * stride_or
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
 
@@ -261,6 +275,7 @@ def _sgmv_expand_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     seg = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -290,7 +305,10 @@ def _sgmv_expand_kernel(
         mask=r_mask[:, None] & n_mask[None, :],
         other=0.0,
     )
-    acc = tl.dot(hv, bt.to(hv.dtype), input_precision=DOT_PRECISION)
+    if UPCAST_DOT:
+        acc = tl.dot(hv.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(hv, bt.to(hv.dtype), input_precision=DOT_PRECISION)
     acc = acc * tl.load(scale_ptr + slot).to(tl.float32)
 
     mask = m_mask[:, None] & n_mask[None, :]
@@ -468,6 +486,7 @@ def sgmv_shrink(
         BLOCK_K=block_k,
         BLOCK_R=rank_pad,
         DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST_DOT=_upcast_dot(x),
         num_warps=4,
         num_stages=3,
     )
@@ -517,6 +536,7 @@ def sgmv_expand(
         BLOCK_N=block_n,
         BLOCK_R=rank_pad,
         DOT_PRECISION=_dot_precision(h.dtype),
+        UPCAST_DOT=_upcast_dot(h),
         # The fp32 accumulator plus the loaded `out` tile need ~128 registers per thread at 4 warps
         # for a 64x128 tile, which spills on sm_90; 8 warps halves that.
         num_warps=8 if block_m * block_n >= 8192 else 4,

@@ -1,0 +1,298 @@
+"""What a model replica does, without Ray: one Engine behind a dict-in / dict-out interface.
+
+`ModelReplica` (serve_app/deployments.py) is a thin Ray Serve shell around `ReplicaCore`; the
+in-process backend (serve_app/backends.py) uses the same class directly, so the HTTP layer, the
+request mapping and the metrics are tested without starting Ray. Everything that crosses the
+ingress/replica boundary is a plain dict (cheap to pickle, no engine classes needed on the ingress).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any, TypedDict
+
+from engine import Engine, EngineConfig, EngineError, InvalidRequestError, RequestOutput, SamplingParams, TokenInfo
+from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
+from serve_app.errors import error_info, status_label
+from serve_app.metrics import ReplicaMetrics
+
+UNKNOWN_ADAPTER_LABEL = "__unknown__"  # metric label for ids we do not serve (keeps label cardinality bounded)
+FINISHED_OK = ("length", "eos_token", "stop_sequence")
+
+
+class EngineRequest(TypedDict, total=False):
+    """One generation request as the ingress sends it to a replica."""
+
+    request_id: str
+    model: str | None  # adapter id; None, "" or the base model's name mean the base model
+    prompt: str | list[int]  # text or token ids ...
+    messages: list[dict[str, Any]]  # ... or chat messages (rendered with the tokenizer's chat template)
+    params: dict[str, Any]  # SamplingParams fields; max_new_tokens None = default_max_new_tokens
+    default_max_new_tokens: int | None  # None: whatever room the context leaves
+    truncate: int | None
+    details: bool  # per-token details (ids, logprobs) in the final result
+    arrival: float  # time.time() when the ingress received the request (for time to first token)
+
+
+def token_dict(token: TokenInfo) -> dict[str, Any]:
+    lp = token.logprob
+    # JSON has no NaN/inf: an impossible token (filtered by top-k/top-p) reports null.
+    return {"id": token.id, "text": token.text, "logprob": lp if lp is not None and math.isfinite(lp) else None,
+            "special": token.special}
+
+
+def engine_alive(engine: Engine) -> bool:
+    """Whether the engine's step loop still runs. Engine has no public liveness call yet."""
+    thread = getattr(engine, "_thread", None)
+    return getattr(engine, "_dead", None) is None and (thread is None or thread.is_alive())
+
+
+class ReplicaCore:
+    def __init__(self, config: EngineConfig, served_name: str, replica_id: str = "local") -> None:
+        self.engine = Engine(config)
+        self.config = config
+        self.served_name = served_name
+        self.replica_id = replica_id
+        self.metrics = ReplicaMetrics()
+        self.started = time.time()
+
+    # ---- request preparation ------------------------------------------------------------------
+    def resolve_adapter(self, model: str | None) -> str | None:
+        """The engine adapter id for an API `model` / `adapter_id` value (None = base model)."""
+        if model is None or model == "":
+            return None
+        if model in self.engine.adapter_ids():
+            return model
+        if model == self.served_name:
+            return None
+        return model  # unknown: the engine answers UnknownAdapterError with the list of known ids
+
+    def _adapter_label(self, adapter_id: str | None) -> str:
+        if adapter_id is None:
+            return ""
+        return adapter_id if adapter_id in self.engine.adapter_ids() else UNKNOWN_ADAPTER_LABEL
+
+    def _prompt_ids(self, req: EngineRequest) -> list[int]:
+        messages = req.get("messages")
+        tokenizer = self.engine.tokenizer
+        if messages is not None:
+            if not getattr(tokenizer, "chat_template", None):
+                raise InvalidRequestError("messages", "this model has no chat template; use /v1/completions")
+            try:
+                text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # a template may raise on roles it does not support
+                raise InvalidRequestError("messages", f"the chat template rejected the messages: {exc}") from exc
+            # Templates carry their own special tokens (as transformers' apply_chat_template(tokenize=True)).
+            return self.engine.tokenize(list(tokenizer.encode(text, add_special_tokens=False)))
+        prompt = req.get("prompt")
+        if prompt is None:
+            raise InvalidRequestError("inputs", "is required")
+        return self.engine.tokenize(prompt)
+
+    def prepare(self, req: EngineRequest) -> tuple[list[int], SamplingParams, str | None]:
+        """Token ids, sampling parameters and adapter of a request; raises InvalidRequestError."""
+        adapter_id = self.resolve_adapter(req.get("model"))
+        ids = self._prompt_ids(req)
+        truncate = req.get("truncate")
+        if truncate is not None:
+            if truncate < 1:
+                raise InvalidRequestError("truncate", f"must be >= 1, got {truncate}")
+            ids = ids[-truncate:]
+        kwargs = dict(req.get("params") or {})
+        if "stop" in kwargs:
+            kwargs["stop"] = tuple(kwargs["stop"])
+        if kwargs.get("max_new_tokens") is None:
+            room = self.engine.max_model_len - len(ids)
+            if room < 1:
+                raise InvalidRequestError(
+                    "inputs", f"`inputs` must have less than {self.engine.max_model_len} tokens. Given: {len(ids)}"
+                )
+            default = req.get("default_max_new_tokens")
+            kwargs["max_new_tokens"] = min(room, default or room, self.config.max_new_tokens_limit)
+        try:
+            params = SamplingParams(**kwargs)
+        except TypeError as exc:  # an unknown field: a bug in the ingress, still reported cleanly
+            raise InvalidRequestError("parameters", str(exc)) from exc
+        return ids, params, adapter_id
+
+    # ---- running ------------------------------------------------------------------------------
+    async def outputs(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """The engine's outputs for one request, with its metrics recorded when it ends (any way)."""
+        arrival = req.get("arrival") or time.time()
+        label = self._adapter_label(self.resolve_adapter(req.get("model")))
+        try:
+            ids, params, adapter_id = self.prepare(req)
+        except EngineError as exc:
+            self.metrics.record(label, status_label(error_info(exc)["kind"]))
+            raise
+        status = "aborted"  # unless we see the end: cancelled (client gone) or closed early
+        first: float | None = None
+        last: float | None = None
+        generated = 0
+        try:
+            async for out in self.engine.generate(ids, params, adapter_id=adapter_id,
+                                                  request_id=req.get("request_id") or uuid.uuid4().hex):
+                now = time.time()
+                if out.tokens:
+                    first = first or now
+                    last = now
+                generated = out.generated_tokens
+                if out.finished:
+                    status = "ok" if out.finish_reason in FINISHED_OK else "aborted"
+                yield out
+        except EngineError as exc:
+            status = status_label(error_info(exc)["kind"])
+            raise
+        finally:
+            end = time.time()
+            tpot = (last - first) / (generated - 1) if first and last and generated > 1 else None
+            self.metrics.record(
+                label, status, prompt_tokens=len(ids), generated_tokens=generated,
+                ttft=(first - arrival) if first else None, tpot=tpot,
+                latency=(end - arrival) if status == "ok" else None,
+            )
+
+    async def generate(self, req: EngineRequest) -> dict[str, Any]:
+        """Run to the end; the final result (or {"error": ErrorInfo})."""
+        want_details = bool(req.get("details"))
+        tokens: list[dict[str, Any]] = []
+        top: list[list[dict[str, Any]]] = []
+        prefill: list[dict[str, Any]] = []
+        final: RequestOutput | None = None
+        try:
+            # Iterate to the end (the engine stops after the final output) so that `outputs`
+            # records this request's metrics now, not when the generator is garbage-collected.
+            async for out in self.outputs(req):
+                if want_details:
+                    tokens.extend(token_dict(t) for t in out.tokens)
+                    top.extend([token_dict(t) for t in alts] for alts in out.top_tokens)
+                    if out.prefill:
+                        prefill = [token_dict(t) for t in out.prefill]
+                if out.finished:
+                    final = out
+        except EngineError as exc:
+            return {"error": error_info(exc)}
+        if final is None:
+            return {"error": error_info(EngineError("the request ended without a result"))}
+        result = _final_fields(final)
+        result["token_ids"] = list(final.token_ids)
+        if want_details:
+            result.update(tokens=tokens, top_tokens=top, prefill=prefill)
+        return result
+
+    async def stream(self, req: EngineRequest) -> AsyncIterator[list[dict[str, Any]]]:
+        """Deltas in chunks: each chunk is every delta ready at that moment (one or more tokens).
+
+        A pump task reads the engine while the caller (Ray's streaming RPC) ships the previous chunk;
+        when shipping is slower than decoding, deltas pile up and go out together, so the per-item
+        RPC cost does not throttle the engine. Errors arrive as a final {"error": ErrorInfo} item.
+        Closing or cancelling this generator cancels the pump, which aborts the engine request.
+        """
+        queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for out in self.outputs(req):
+                    queue.put_nowait(out)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                queue.put_nowait(exc)
+            else:
+                queue.put_nowait(None)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                chunk: list[dict[str, Any]] = []
+                done = False
+                for item in items:
+                    if item is None:
+                        done = True
+                    elif isinstance(item, BaseException):
+                        chunk.append({"error": error_info(item)})
+                        done = True
+                    else:
+                        chunk.append(_delta(item))
+                if chunk:
+                    yield chunk
+                if done:
+                    return
+        finally:
+            if not task.done():
+                task.cancel()
+                # Let the cancellation run now (it aborts the request and frees its KV blocks).
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(asyncio.shield(task), timeout=5.0)
+
+    # ---- introspection ------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        engine = self.engine
+        pool = getattr(engine, "pool", None)
+        adapters = pool.describe() if pool is not None else [{"id": a} for a in engine.adapter_ids()]
+        return {
+            "model_id": self.served_name,
+            "model_path": str(engine.model_dir),
+            "model_dtype": self.config.dtype,
+            "model_device_type": str(self.config.device).split(":")[0],
+            "max_model_len": engine.max_model_len,
+            "max_new_tokens_limit": self.config.max_new_tokens_limit,
+            "max_num_seqs": self.config.max_num_seqs,
+            "max_num_batched_tokens": self.config.max_num_batched_tokens,
+            "max_waiting": self.config.max_waiting,
+            "max_stop_sequences": MAX_STOP_SEQUENCES,
+            "max_top_n_tokens": MAX_TOP_N_TOKENS,
+            "max_adapter_slots": self.config.max_adapter_slots,
+            "max_lora_rank": self.config.max_lora_rank,
+            "block_size": self.config.block_size,
+            "has_chat_template": bool(getattr(engine.tokenizer, "chat_template", None)),
+            "adapters": adapters,
+            "replica": self.replica_id,
+            "started": self.started,
+        }
+
+    def health(self) -> dict[str, Any]:
+        return {"ok": engine_alive(self.engine), "replica": self.replica_id}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Metrics + engine stats of this replica, for /metrics and /admin/stats."""
+        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "engine": self.engine.stats()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def _final_fields(out: RequestOutput) -> dict[str, Any]:
+    return {
+        "finish_reason": out.finish_reason,
+        "generated_text": out.generated_text or "",
+        "generated_tokens": out.generated_tokens,
+        "prompt_tokens": out.prompt_tokens,
+        "seed": out.seed,
+    }
+
+
+def _delta(out: RequestOutput) -> dict[str, Any]:
+    delta: dict[str, Any] = {
+        "text": out.text,
+        "token": token_dict(out.tokens[-1]) if out.tokens else None,
+        "top_tokens": [token_dict(t) for t in out.top_tokens[-1]] if out.top_tokens else None,
+        "finished": out.finished,
+    }
+    if out.finished:
+        delta.update(_final_fields(out))
+    return delta
+
+
+def sampling_fields() -> set[str]:
+    """Names SamplingParams accepts (the ingress builds `params` from these only)."""
+    return set(asdict(SamplingParams()))

@@ -1,0 +1,373 @@
+"""The HTTP API as a Starlette app over a `Backend`: TGI routes, OpenAI routes, health/info/metrics.
+
+Starlette rather than FastAPI: every route parses its own JSON so that errors come out in TGI's
+or OpenAI's exact shape and status (FastAPI's automatic validation answers 422 with its own
+`detail` body), and SSE streams are plain async generators. The same app runs inside the Ray
+Serve ingress (serve_app/deployments.py) and in-process over a LocalBackend (tests, benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve_app import openai_api, tgi
+from serve_app.backends import Backend
+from serve_app.errors import (
+    ApiError,
+    ErrorInfo,
+    error_info,
+    openai_error,
+    openai_error_body,
+    sse,
+    tgi_error,
+    tgi_error_body,
+)
+from serve_app.metrics import render_prometheus
+
+VERSION = "0.1.0"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+KNOWN_ROUTES = {
+    "/", "/generate", "/generate_stream", "/health", "/info", "/metrics", "/v1/completions",
+    "/v1/chat/completions", "/v1/models", "/admin/stats",
+}
+
+
+class HttpCounter:
+    """ASGI middleware counting responses by route and status code (for loraserve_http_requests_total)."""
+
+    def __init__(self, app: ASGIApp, counts: dict[tuple[str, str], int]) -> None:
+        self.app = app
+        self.counts = counts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in KNOWN_ROUTES else "other"  # bounded label values
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                key = (route, str(message["status"]))
+                self.counts[key] = self.counts.get(key, 0) + 1
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+async def _read_json(request: Request, max_bytes: int) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise ApiError(f"request body too large ({length} bytes; limit {max_bytes})", kind="too_large")
+    try:
+        raw = await request.body()
+    except ClientDisconnect as exc:
+        raise ApiError("client disconnected while sending the body") from exc
+    if len(raw) > max_bytes:
+        raise ApiError(f"request body too large ({len(raw)} bytes; limit {max_bytes})", kind="too_large")
+    if not raw.strip():
+        raise ApiError("request body is empty; expected a JSON object")
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"request body is not valid JSON: {exc}") from exc
+
+
+class _Api:
+    def __init__(self, backend: Backend, max_body_bytes: int, counts: dict[tuple[str, str], int]) -> None:
+        self.backend = backend
+        self.max_body_bytes = max_body_bytes
+        self.counts = counts
+        self._info: dict[str, Any] | None = None
+
+    async def info_cached(self) -> dict[str, Any]:
+        # The static part (model name, limits) never changes for a deployment; cache it.
+        if self._info is None:
+            self._info = await self.backend.info()
+        return self._info
+
+    async def _first_chunk(
+        self, chunks: AsyncIterator[list[dict[str, Any]]]
+    ) -> tuple[list[dict[str, Any]] | None, ErrorInfo | None]:
+        """Wait for the first chunk so that validation errors get a real status code, not an SSE event."""
+        try:
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            return None, error_info(ApiError("the stream ended before the first token", kind="incomplete"))
+        except Exception as exc:
+            return None, error_info(exc)
+        if first and "error" in first[0]:
+            return None, first[0]["error"]
+        return first, None
+
+    # ---- TGI ----------------------------------------------------------------------------------
+    async def tgi(self, request: Request, stream: bool | None) -> Response:
+        request_id = uuid.uuid4().hex
+        arrival = time.time()
+        try:
+            treq = tgi.parse_request(await _read_json(request, self.max_body_bytes), stream=stream)
+        except ApiError as exc:
+            return tgi_error(exc.info)
+        ereq = treq.engine_request(request_id, arrival)
+        headers = {"x-request-id": request_id}
+        if not treq.stream:
+            try:
+                result = await self.backend.generate(ereq)
+            except Exception as exc:
+                return tgi_error(error_info(exc), headers)
+            if "error" in result:
+                return tgi_error(result["error"], headers)
+            body: Any = tgi.generate_response(treq, result)
+            headers.update({
+                "x-prompt-tokens": str(result["prompt_tokens"]),
+                "x-generated-tokens": str(result["generated_tokens"]),
+                "x-total-time": str(int((time.time() - arrival) * 1000)),
+            })
+            # `POST /` answers a list, as TGI's compat route (the Inference API's format) does.
+            return JSONResponse([body] if stream is None else body, headers=headers)
+
+        chunks = self.backend.stream(ereq)
+        first, err = await self._first_chunk(chunks)
+        if err is not None:
+            await chunks.aclose()
+            return tgi_error(err, headers)
+
+        async def events() -> AsyncIterator[bytes]:
+            index = 0
+            finished = False
+            try:
+                pending = first or []
+                while True:
+                    for delta in pending:
+                        if "error" in delta:
+                            yield sse(tgi_error_body(delta["error"]))
+                            return
+                        index += 1
+                        yield sse(tgi.stream_event(treq, index, delta))
+                        if delta["finished"]:
+                            finished = True
+                            return
+                    try:
+                        pending = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if not finished:
+                    yield sse(tgi_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
+            except Exception as exc:  # the replica went away mid-stream: tell the client in-band
+                yield sse(tgi_error_body(error_info(exc)))
+            finally:
+                # Also runs when the client disconnects (Starlette cancels this generator): closing
+                # the backend stream aborts the request in the engine and frees its KV blocks.
+                await chunks.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+
+    async def generate(self, request: Request) -> Response:
+        return await self.tgi(request, stream=False)
+
+    async def generate_stream(self, request: Request) -> Response:
+        return await self.tgi(request, stream=True)
+
+    async def compat(self, request: Request) -> Response:
+        return await self.tgi(request, stream=None)
+
+    # ---- OpenAI -------------------------------------------------------------------------------
+    async def openai(self, request: Request, chat: bool) -> Response:
+        request_id = uuid.uuid4().hex
+        arrival = time.time()
+        prompt_field = "messages" if chat else "prompt"
+        try:
+            body = await _read_json(request, self.max_body_bytes)
+            oreq = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
+        except ApiError as exc:
+            return openai_error(exc.info, prompt_field)
+        try:
+            model_name = oreq.model or (await self.info_cached())["model_id"]
+        except Exception as exc:
+            return openai_error(error_info(exc), prompt_field)
+        ereq = oreq.engine_request(request_id, arrival)
+        if not oreq.stream:
+            try:
+                result = await self.backend.generate(ereq)
+            except Exception as exc:
+                return openai_error(error_info(exc), prompt_field)
+            if "error" in result:
+                return openai_error(result["error"], prompt_field)
+            make = openai_api.chat_response if chat else openai_api.completion_response
+            return JSONResponse(make(oreq, result, request_id, model_name), headers={"x-request-id": request_id})
+
+        chunks = self.backend.stream(ereq)
+        first, err = await self._first_chunk(chunks)
+        if err is not None:
+            await chunks.aclose()
+            return openai_error(err, prompt_field)
+        created = int(time.time())
+
+        async def events() -> AsyncIterator[bytes]:
+            try:
+                if chat:
+                    yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
+                                                    {"role": "assistant", "content": ""}, None, None))
+                elif oreq.echo and isinstance(oreq.prompt, str):
+                    yield sse(openai_api.completion_chunk(oreq, request_id, model_name, created, oreq.prompt,
+                                                          None, None))
+                pending = first or []
+                while True:
+                    for delta in pending:
+                        if "error" in delta:
+                            yield sse(openai_error_body(delta["error"], prompt_field))
+                            yield b"data: [DONE]\n\n"
+                            return
+                        reason = delta.get("finish_reason") if delta["finished"] else None
+                        if chat:
+                            if delta["text"] or oreq.logprobs is not None:
+                                yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
+                                                                {"content": delta["text"]}, delta, None))
+                            if delta["finished"]:
+                                yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created, {},
+                                                                None, reason))
+                        else:
+                            yield sse(openai_api.completion_chunk(oreq, request_id, model_name, created,
+                                                                  delta["text"], delta, reason))
+                        if delta["finished"]:
+                            if oreq.include_usage:
+                                yield sse(openai_api.usage_chunk(oreq, request_id, model_name, created,
+                                                                 delta["prompt_tokens"], delta["generated_tokens"]))
+                            yield b"data: [DONE]\n\n"
+                            return
+                    try:
+                        pending = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                yield sse(openai_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
+                yield b"data: [DONE]\n\n"
+            except Exception as exc:
+                yield sse(openai_error_body(error_info(exc), prompt_field))
+                yield b"data: [DONE]\n\n"
+            finally:
+                await chunks.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={**SSE_HEADERS, "x-request-id": request_id})
+
+    async def completions(self, request: Request) -> Response:
+        return await self.openai(request, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self.openai(request, chat=True)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            info = await self.backend.info()
+        except Exception as exc:
+            return openai_error(error_info(exc))
+        created = int(info.get("started", 0))
+        base = info["model_id"]
+        data = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
+                 "parent": None}]
+        data += [{"id": a["id"], "object": "model", "created": created, "owned_by": "loraserve",
+                  "root": a.get("source", a["id"]), "parent": base} for a in info["adapters"]]
+        return JSONResponse({"object": "list", "data": data})
+
+    # ---- service routes -----------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        try:
+            ok = bool((await self.backend.health()).get("ok"))
+        except Exception:
+            ok = False
+        if ok:
+            return Response(status_code=200)
+        return JSONResponse({"error": "unhealthy", "error_type": "healthcheck"}, status_code=503)
+
+    async def info(self, request: Request) -> Response:
+        try:
+            info = await self.backend.info()
+        except Exception as exc:
+            return tgi_error(error_info(exc))
+        max_len = int(info["max_model_len"])
+        return JSONResponse({
+            "model_id": info["model_id"],
+            "model_sha": None,
+            "model_dtype": info["model_dtype"],
+            "model_device_type": info["model_device_type"],
+            "model_pipeline_tag": "text-generation",
+            "max_concurrent_requests": info["max_waiting"],
+            "max_best_of": 1,
+            "max_stop_sequences": info["max_stop_sequences"],
+            "max_input_tokens": max_len - 1,
+            "max_input_length": max_len - 1,
+            "max_total_tokens": max_len,
+            "max_new_tokens": info["max_new_tokens_limit"],
+            "max_top_n_tokens": info["max_top_n_tokens"],
+            "max_batch_size": info["max_num_seqs"],
+            "max_batch_prefill_tokens": info["max_num_batched_tokens"],
+            "max_client_batch_size": 1,
+            "max_adapter_slots": info["max_adapter_slots"],
+            "max_lora_rank": info["max_lora_rank"],
+            "validation_workers": 0,
+            "router": "loraserve (Ray Serve)",
+            "version": VERSION,
+            "sha": None,
+            "docker_label": None,
+            "adapters": info["adapters"],
+        })
+
+    async def metrics(self, request: Request) -> Response:
+        try:
+            snapshots = await self.backend.snapshots()
+        except Exception:
+            snapshots = []  # still expose the ingress's own counters
+        return Response(render_prometheus(snapshots, dict(self.counts)), media_type=CONTENT_TYPE_LATEST)
+
+    async def admin_stats(self, request: Request) -> Response:
+        try:
+            snapshots = await self.backend.snapshots()
+        except Exception as exc:
+            return tgi_error(error_info(exc))
+        return JSONResponse({"replicas": snapshots})
+
+
+def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        detail = f"{request.method} {request.url.path}: " + ("not found" if kind == "not_found" else "method not allowed")
+        info = ApiError(detail, kind=kind).info
+        if request.url.path.startswith("/v1/"):
+            return openai_error(info)
+        return tgi_error(info)
+
+    return handler
+
+
+def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024) -> Starlette:
+    counts: dict[tuple[str, str], int] = {}
+    api = _Api(backend, max_body_bytes, counts)
+    routes = [
+        Route("/", api.compat, methods=["POST"]),
+        Route("/generate", api.generate, methods=["POST"]),
+        Route("/generate_stream", api.generate_stream, methods=["POST"]),
+        Route("/health", api.health, methods=["GET"]),
+        Route("/info", api.info, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/models", api.models, methods=["GET"]),
+        Route("/admin/stats", api.admin_stats, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={404: _not_found_handler("not_found"), 405: _not_found_handler("method")},
+    )
+    app.state.http_counts = counts
+    app.add_middleware(HttpCounter, counts=counts)
+    return app

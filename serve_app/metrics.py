@@ -1,0 +1,200 @@
+"""Metrics: each model replica keeps plain counters and histograms; the ingress renders them.
+
+Why not a prometheus_client registry in every replica: a replica is a Ray actor with no HTTP port
+of its own, and Prometheus should scrape one URL (the app's `/metrics`). So each replica keeps
+picklable state (`ReplicaMetrics.snapshot()`), the ingress asks every replica for it (a Serve
+broadcast) and renders Prometheus text with `prometheus_client`'s metric families, one `replica`
+label per replica. Counters stay monotonic per replica, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+BASE_LABEL = "__base__"  # the `adapter` label value of requests for the base model
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+@dataclass
+class Histogram:
+    """Cumulative-at-render histogram: per-bucket counts, sum and count (Prometheus semantics)."""
+
+    buckets: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.buckets) + 1)  # the last one is +Inf
+
+    def observe(self, value: float, n: int = 1) -> None:
+        if not math.isfinite(value):
+            return
+        self.counts[bisect.bisect_left(self.buckets, value)] += n
+        self.total += value * n
+        self.count += n
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.total, "count": self.count}
+
+
+class ReplicaMetrics:
+    """Request-level metrics of one model replica. Thread-safe (updated from the replica's loop)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = {}  # (adapter, status) -> count
+        self.generated_tokens: dict[str, int] = {}
+        self.prompt_tokens: dict[str, int] = {}
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.latency = Histogram(LATENCY_BUCKETS)
+
+    def record(
+        self,
+        adapter: str,
+        status: str,
+        *,
+        prompt_tokens: int = 0,
+        generated_tokens: int = 0,
+        ttft: float | None = None,
+        tpot: float | None = None,
+        latency: float | None = None,
+    ) -> None:
+        with self._lock:
+            key = (adapter, status)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if generated_tokens:
+                self.generated_tokens[adapter] = self.generated_tokens.get(adapter, 0) + generated_tokens
+            if prompt_tokens:
+                self.prompt_tokens[adapter] = self.prompt_tokens.get(adapter, 0) + prompt_tokens
+            if ttft is not None:
+                self.ttft.observe(max(ttft, 0.0))
+            if tpot is not None:
+                self.tpot.observe(max(tpot, 0.0))
+            if latency is not None:
+                self.latency.observe(max(latency, 0.0))
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": [[a, s, n] for (a, s), n in sorted(self.requests.items())],
+                "generated_tokens": dict(self.generated_tokens),
+                "prompt_tokens": dict(self.prompt_tokens),
+                "ttft": self.ttft.to_dict(),
+                "tpot": self.tpot.to_dict(),
+                "latency": self.latency.to_dict(),
+            }
+
+
+def _label(adapter: str) -> str:
+    return adapter or BASE_LABEL
+
+
+def _histogram_buckets(hist: Mapping[str, Any]) -> list[tuple[str, float]]:
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, n in zip([*hist["buckets"], math.inf], hist["counts"]):
+        cumulative += n
+        out.append(("+Inf" if bound == math.inf else repr(float(bound)), float(cumulative)))
+    return out
+
+
+def batch_size_histogram(batch_seqs_hist: Mapping[Any, int]) -> dict[str, Any]:
+    """The engine's exact {batch size: steps} map as a Prometheus histogram over BATCH_BUCKETS."""
+    hist = Histogram(BATCH_BUCKETS)
+    for size, steps in batch_seqs_hist.items():
+        hist.observe(float(size), int(steps))
+    return hist.to_dict()
+
+
+class SnapshotCollector(Collector):
+    """Turns replica snapshots (+ the ingress's own HTTP counters) into Prometheus metric families."""
+
+    def __init__(self, snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int]) -> None:
+        self.snapshots = snapshots
+        self.http_counts = http_counts
+
+    def collect(self) -> Iterable[Metric]:
+        p = "loraserve_"
+        requests = CounterMetricFamily(
+            p + "requests", "Requests that reached a model replica, by adapter and final status",
+            labels=["replica", "adapter", "status"],
+        )
+        gen_tokens = CounterMetricFamily(p + "generated_tokens", "Generated tokens by adapter", labels=["replica", "adapter"])
+        prompt_tokens = CounterMetricFamily(p + "prompt_tokens", "Prompt tokens by adapter", labels=["replica", "adapter"])
+        ttft = HistogramMetricFamily(p + "time_to_first_token_seconds", "Time to first token", labels=["replica"])
+        tpot = HistogramMetricFamily(p + "time_per_output_token_seconds", "Mean time per output token after the first", labels=["replica"])
+        latency = HistogramMetricFamily(p + "request_duration_seconds", "End-to-end request duration", labels=["replica"])
+        batch = HistogramMetricFamily(p + "batch_size", "Sequences per engine step (mixed-adapter batches)", labels=["replica"])
+        queue = GaugeMetricFamily(p + "queue_length", "Requests waiting in the engine, by adapter", labels=["replica", "adapter"])
+        running_by_adapter = GaugeMetricFamily(p + "running_requests", "Requests in the running batch, by adapter", labels=["replica", "adapter"])
+        running = GaugeMetricFamily(p + "running_batch_size", "Sequences in the running batch now", labels=["replica"])
+        last_batch = GaugeMetricFamily(p + "last_step_batch_size", "Sequences in the last engine step", labels=["replica"])
+        max_batch = GaugeMetricFamily(p + "max_batch_size", "Largest engine step so far (sequences)", labels=["replica"])
+        kv_used = GaugeMetricFamily(p + "kv_blocks_used", "KV-cache blocks in use", labels=["replica"])
+        kv_free = GaugeMetricFamily(p + "kv_blocks_free", "KV-cache blocks free", labels=["replica"])
+        kv_total = GaugeMetricFamily(p + "kv_blocks_total", "KV-cache blocks", labels=["replica"])
+        slots = GaugeMetricFamily(p + "adapter_slots", "Device adapter slots", labels=["replica"])
+        slots_pinned = GaugeMetricFamily(p + "adapter_slots_pinned", "Device adapter slots pinned by running requests", labels=["replica"])
+        steps = CounterMetricFamily(p + "engine_steps", "Engine steps (batches run)", labels=["replica"])
+        preemptions = CounterMetricFamily(p + "preemptions", "Sequences preempted for lack of KV blocks", labels=["replica"])
+        replicas = GaugeMetricFamily(p + "model_replicas", "Model replicas that answered this scrape")
+        http = CounterMetricFamily(p + "http_requests", "HTTP requests seen by this ingress replica, by route and status code", labels=["route", "code"])
+
+        for snap in self.snapshots:
+            r = str(snap.get("replica", "?"))
+            m = snap["metrics"]
+            for adapter, status, n in m["requests"]:
+                requests.add_metric([r, _label(adapter), status], n)
+            for adapter, n in m["generated_tokens"].items():
+                gen_tokens.add_metric([r, _label(adapter)], n)
+            for adapter, n in m["prompt_tokens"].items():
+                prompt_tokens.add_metric([r, _label(adapter)], n)
+            for family, key in ((ttft, "ttft"), (tpot, "tpot"), (latency, "latency")):
+                h = m[key]
+                family.add_metric([r], _histogram_buckets(h), h["sum"])
+            e = snap["engine"]
+            bh = batch_size_histogram(e.get("batch_seqs_hist", {}))
+            batch.add_metric([r], _histogram_buckets(bh), bh["sum"])
+            for adapter, n in e.get("waiting", {}).items():
+                queue.add_metric([r, _label(adapter)], n)
+            for adapter, n in e.get("running", {}).items():
+                running_by_adapter.add_metric([r, _label(adapter)], n)
+            running.add_metric([r], e.get("num_running", 0))
+            last_batch.add_metric([r], e.get("last_batch_seqs", 0))
+            max_batch.add_metric([r], e.get("max_batch_seqs", 0))
+            kv_used.add_metric([r], e.get("kv_blocks_used", 0))
+            kv_free.add_metric([r], e.get("kv_blocks_free", 0))
+            kv_total.add_metric([r], e.get("kv_blocks_total", 0))
+            slots.add_metric([r], e.get("adapter_slots", 0))
+            slots_pinned.add_metric([r], e.get("adapter_slots_pinned", 0))
+            steps.add_metric([r], e.get("steps", 0))
+            preemptions.add_metric([r], e.get("preemptions", 0))
+        replicas.add_metric([], len(self.snapshots))
+        for (route, code), n in sorted(self.http_counts.items()):
+            http.add_metric([route, code], n)
+        yield from (
+            requests, gen_tokens, prompt_tokens, ttft, tpot, latency, batch, queue, running_by_adapter, running,
+            last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, replicas, http,
+        )
+
+
+def render_prometheus(snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(SnapshotCollector(snapshots, http_counts))
+    return generate_latest(registry)

@@ -1,0 +1,156 @@
+"""Application settings: the `args` of `config.yaml` (and the launcher's flags) parsed into one object.
+
+Every key is checked: an unknown key is an error that lists the known ones, so a typo in
+config.yaml fails at deploy time instead of silently running with a default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from engine.config import DTYPES, AdapterSpec, EngineConfig
+
+# Engine knobs that can be set from the app args, with the engine's own defaults.
+ENGINE_KEYS: tuple[str, ...] = (
+    "revision",
+    "dtype",
+    "device",
+    "block_size",
+    "num_kv_blocks",
+    "kv_cache_bytes",
+    "max_model_len",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "max_waiting",
+    "max_new_tokens_limit",
+    "max_lora_rank",
+    "max_adapter_slots",
+    "lora_backend",
+    "seed",
+    "hub_cache_dir",
+)
+
+# TGI's launcher names for the same knobs (so a TGI user's config or flags carry over).
+ALIASES: dict[str, str] = {
+    "model_id": "model",
+    "lora_adapters": "adapters",
+    "max_total_tokens": "max_model_len",
+    "max_batch_prefill_tokens": "max_num_batched_tokens",
+    "max_batch_size": "max_num_seqs",
+    "max_concurrent_requests": "max_waiting",
+    "num_replicas": "model_replicas",
+}
+
+
+def parse_adapters(value: Any) -> tuple[AdapterSpec, ...]:
+    """Adapters as TGI spells them: "id=path,id2" (a string), a list of such strings, or dicts.
+
+    A dict is {"id": ..., "path" | "source": ..., "revision": ...}.
+    """
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return AdapterSpec.parse_list(value)
+    if isinstance(value, Mapping):
+        # {"id": "path", ...}: the compact YAML form.
+        return tuple(AdapterSpec(str(k), str(v)) for k, v in value.items())
+    if isinstance(value, Sequence):
+        specs: list[AdapterSpec] = []
+        for item in value:
+            if isinstance(item, str):
+                specs.extend(AdapterSpec.parse_list(item))
+            elif isinstance(item, Mapping):
+                adapter_id = item.get("id") or item.get("adapter_id")
+                source = item.get("path") or item.get("source") or adapter_id
+                if not adapter_id:
+                    raise ValueError(f"adapter entry {dict(item)!r} has no 'id'")
+                revision = item.get("revision")
+                specs.append(AdapterSpec(str(adapter_id), str(source), str(revision) if revision else None))
+            else:
+                raise ValueError(f"adapter entries must be strings or mappings, got {item!r}")
+        return tuple(specs)
+    raise ValueError(f"adapters must be a string, a list or a mapping, got {type(value).__name__}")
+
+
+@dataclass(frozen=True)
+class AppSettings:
+    """Everything `build_app` needs. Engine fields left at None keep the engine's defaults."""
+
+    model: str = "demo"
+    served_model_name: str | None = None
+    adapters: tuple[AdapterSpec, ...] = ()
+    engine: dict[str, Any] = field(default_factory=dict)
+    # deployment shape
+    model_replicas: int = 1
+    ingress_replicas: int = 1
+    replica_num_cpus: float = 1.0
+    replica_num_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
+    torch_threads: int | None = None  # None: the replica's CPU count (what Ray gives it)
+    max_ongoing_requests: int | None = None  # None: derived from the engine's queue bounds
+    autoscaling_config: dict[str, Any] | None = None
+    route_prefix: str = "/"
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def device(self) -> str:
+        return str(self.engine.get("device", "cpu"))
+
+    @property
+    def dtype(self) -> str:
+        return str(self.engine.get("dtype", "float32"))
+
+    @staticmethod
+    def from_args(args: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> AppSettings:
+        """Parse `config.yaml`'s `args` (or the launcher's flags). `LORA_ADAPTERS` fills in adapters."""
+        env = os.environ if env is None else env
+        raw: dict[str, Any] = {}
+        for key, value in (args or {}).items():
+            canonical = ALIASES.get(key, key)
+            if canonical in raw:
+                raise ValueError(f"argument {key!r} given twice (also as {canonical!r})")
+            raw[canonical] = value
+        own = {f.name for f in fields(AppSettings)} - {"engine"}
+        unknown = sorted(set(raw) - own - set(ENGINE_KEYS))
+        if unknown:
+            known = sorted(own | set(ENGINE_KEYS) | set(ALIASES))
+            raise ValueError(f"unknown app argument(s) {unknown}; known: {known}")
+
+        engine = {k: raw.pop(k) for k in ENGINE_KEYS if k in raw and raw[k] is not None}
+        if "dtype" in engine and engine["dtype"] not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {engine['dtype']!r}")
+        adapters_value = raw.pop("adapters", None)
+        if adapters_value in (None, "", []) and env.get("LORA_ADAPTERS"):
+            adapters_value = env["LORA_ADAPTERS"]
+        kwargs: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
+        kwargs["model"] = str(kwargs.get("model", "demo"))
+        for name in ("model_replicas", "ingress_replicas", "max_body_bytes"):
+            if name in kwargs and (not isinstance(kwargs[name], int) or kwargs[name] < 1):
+                raise ValueError(f"{name} must be a positive integer, got {kwargs[name]!r}")
+        settings = AppSettings(adapters=parse_adapters(adapters_value), engine=engine, **kwargs)
+        # Fail here, in the builder, rather than in every replica's constructor.
+        settings.engine_config(settings.model, settings.adapters).validate()
+        return settings
+
+    def engine_config(self, model_path: str, adapters: tuple[AdapterSpec, ...]) -> EngineConfig:
+        return EngineConfig(model=model_path, adapters=adapters, **self.engine)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["adapters"] = [asdict(a) for a in self.adapters]
+        return out
+
+
+def engine_config_to_dict(config: EngineConfig) -> dict[str, Any]:
+    """A plain dict (picklable, JSON-able) that `engine_config_from_dict` turns back into the config."""
+    out = asdict(config)
+    out["adapters"] = [asdict(a) for a in config.adapters]
+    return out
+
+
+def engine_config_from_dict(data: Mapping[str, Any]) -> EngineConfig:
+    data = dict(data)
+    data["adapters"] = tuple(AdapterSpec(**a) for a in data.get("adapters", ()))
+    return EngineConfig(**data)
