@@ -1,16 +1,23 @@
-"""Adapters the engine serves: host copies of validated adapters and the device slots they swap into.
+"""Where adapters live: source (disk / Hub) -> host cache (LRU, byte budget) -> device slots (LRU, pinned).
 
-The pool owns the host cache (id -> LoraAdapter) and the LRU order of device slots. `acquire`
-returns a pinned slot for a resident adapter, moves a host adapter into a free or least recently
-used unpinned slot, and returns None when every slot is pinned (the request waits in its queue).
+The pool owns every tier's bookkeeping. `acquire(adapter_id)` is what the scheduler calls when a
+sequence wants to start: it returns a pinned device slot, or None when the adapter is not resident
+yet. In that case a background load from the source starts (one per adapter however many requests
+wait: single flight), the request stays in its adapter queue while other adapters keep decoding,
+and `on_ready` wakes the engine when the load finishes. A failed load is remembered for
+`failure_ttl_s` and handed to the engine (`take_failures`) to fail the waiting requests, so a
+broken adapter is not retried in a loop.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,19 +25,40 @@ import torch
 from engine.adapter_slots import AdapterSlots
 from engine.adapters import LoraAdapter, load_peft_adapter
 from engine.config import AdapterSpec
-from engine.errors import AdapterLoadError, UnknownAdapterError
+from engine.errors import AdapterBusyError, AdapterLoadError, UnknownAdapterError
 from engine.hub import resolve_local_dir
 from engine.model_arch import ModelArch
 
 ADAPTER_FILE_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "*.md"]
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class AdapterRecord:
+    """Everything known about one registered adapter, whichever tier it is in."""
+
     spec: AdapterSpec
-    adapter: LoraAdapter
+    adapter: LoraAdapter | None = None  # the host copy; None while only on the source
+    rank: int | None = None
+    targets: tuple[str, ...] = ()
+    nbytes: int = 0
     requests_served: int = 0
     last_used: float = 0.0
+    source_reads: int = 0
+    dynamic: bool = False
+
+
+@dataclass
+class PoolCounters:
+    device_hits: int = 0
+    device_misses: int = 0
+    host_hits: int = 0
+    host_misses: int = 0
+    source_loads: int = 0
+    load_failures: int = 0
+    host_evictions: int = 0
+    device_evictions: int = 0
+    load_seconds: list[float] = field(default_factory=list)  # bounded: see _record_latency
 
 
 class AdapterPool:
@@ -41,67 +69,241 @@ class AdapterPool:
         max_rank: int,
         dtype: torch.dtype,
         device: str,
+        host_cache_bytes: int = 2 * 1024**3,
         hub_cache_dir: str | None = None,
+        allow_dynamic: bool = False,
+        local_roots: tuple[str, ...] = (),
+        failure_ttl_s: float = 30.0,
+        executor: Executor | None = None,
+        on_ready: Callable[[], None] | None = None,
     ) -> None:
         self.arch = arch
         self.max_rank = max_rank
         self.dtype = dtype
+        self.device = device
+        self.host_cache_bytes = host_cache_bytes
         self.hub_cache_dir = hub_cache_dir
+        self.allow_dynamic = allow_dynamic
+        self.local_roots = tuple(Path(r).resolve() for r in local_roots)
+        self.failure_ttl_s = failure_ttl_s
         self.slots = AdapterSlots(arch, num_slots, max_rank, dtype, device)
         self.records: dict[str, AdapterRecord] = {}
+        self.host_lru: OrderedDict[str, None] = OrderedDict()  # host-resident ids, least recent first
+        self.host_bytes = 0
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_slots))
-        self._lock = threading.Lock()
-        self.loads = 0
-        self.evictions = 0
-        self.hits = 0
-        self.misses = 0
+        self._loading: set[str] = set()
+        self._failed: dict[str, tuple[float, AdapterLoadError]] = {}
+        self._new_failures: list[tuple[str, AdapterLoadError]] = []
+        self._lock = threading.RLock()
+        self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self.on_ready = on_ready or (lambda: None)
+        self.counters = PoolCounters()
 
     # ---- registry -----------------------------------------------------------------------------
-    def read(self, spec: AdapterSpec) -> LoraAdapter:
-        try:
-            directory = resolve_local_dir(
-                spec.source, spec.revision, self.hub_cache_dir, allow_patterns=ADAPTER_FILE_PATTERNS
-            )
-        except FileNotFoundError as exc:
-            raise AdapterLoadError(spec.adapter_id, str(exc)) from exc
-        return load_peft_adapter(spec.adapter_id, Path(directory), self.arch, self.max_rank, self.dtype, spec.source)
-
-    def register(self, spec: AdapterSpec) -> LoraAdapter:
-        """Read, validate and keep `spec` in host memory. Raises AdapterLoadError with the reason."""
-        adapter = self.read(spec)
-        with self._lock:
-            self.records[spec.adapter_id] = AdapterRecord(spec, adapter)
-            self.loads += 1
-        return adapter
-
     def ids(self) -> list[str]:
-        return list(self.records)
+        with self._lock:
+            return list(self.records)
 
     def known(self, adapter_id: str) -> bool:
         return adapter_id in self.records
 
-    def check_known(self, adapter_id: str) -> None:
-        if adapter_id not in self.records:
-            raise UnknownAdapterError(adapter_id, self.ids())
+    def check_source(self, source: str) -> None:
+        """A source from outside (a request, the admin API) must be a Hub id or a directory under a root.
 
-    # ---- device slots -------------------------------------------------------------------------
+        Raises PermissionError with the reason; nothing is read before the check passes.
+        """
+        if HUB_ID.match(source) and ".." not in source and not Path(source).exists():
+            return
+        path = Path(source)
+        if not path.is_absolute():
+            raise PermissionError(f"source {source!r} is neither a Hub id (org/name) nor an absolute path")
+        resolved = path.resolve()  # follows symlinks: a link out of the roots is refused
+        if not any(resolved == root or root in resolved.parents for root in self.local_roots):
+            roots = ", ".join(str(r) for r in self.local_roots) or "(none configured)"
+            raise PermissionError(f"source {source!r} resolves outside the allowed adapter roots: {roots}")
+
+    def register(self, spec: AdapterSpec, *, load_now: bool = True, dynamic: bool = False) -> AdapterRecord:
+        """Make `spec` servable. With load_now, read it synchronously (start-up: fail fast on a bad adapter)."""
+        with self._lock:
+            record = self.records.get(spec.adapter_id)
+            created = record is None
+            if record is None:
+                record = AdapterRecord(spec, dynamic=dynamic)
+                self.records[spec.adapter_id] = record
+            else:
+                record.spec = spec
+            self._failed.pop(spec.adapter_id, None)
+        if load_now:
+            try:
+                adapter = self._read(record)
+                with self._lock:
+                    self._put_host(record, adapter)
+            except Exception:
+                if created:
+                    with self._lock:
+                        self.records.pop(spec.adapter_id, None)
+                raise
+        return record
+
+    def check_known(self, adapter_id: str) -> None:
+        """Raise for an adapter this pool cannot serve; register it first when dynamic loading is on."""
+        with self._lock:
+            failure = self._failed.get(adapter_id)
+            if failure is not None and time.monotonic() - failure[0] < self.failure_ttl_s:
+                raise failure[1]
+            if adapter_id in self.records:
+                return
+        if not self.allow_dynamic:
+            raise UnknownAdapterError(adapter_id, self.ids())
+        try:
+            self.check_source(adapter_id)
+        except PermissionError as exc:
+            raise UnknownAdapterError(adapter_id, self.ids()) from exc
+        self.register(AdapterSpec(adapter_id, adapter_id), load_now=False, dynamic=True)
+
+    def unload(self, adapter_id: str) -> None:
+        """Forget an adapter. Refused (AdapterBusyError) while a running sequence pins it."""
+        with self._lock:
+            if adapter_id not in self.records:
+                raise UnknownAdapterError(adapter_id, self.ids())
+            slot = self.slots.slot_of(adapter_id)
+            if slot is not None and self.slots.pins[slot]:
+                raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
+            if slot is not None:
+                self.slots.clear(slot)
+            self._drop_host(adapter_id)
+            del self.records[adapter_id]
+
+    def reload(self, adapter_id: str) -> AdapterRecord:
+        """Re-read an adapter from its source (its files changed). Refused while it is pinned."""
+        with self._lock:
+            record = self.records.get(adapter_id)
+            if record is None:
+                raise UnknownAdapterError(adapter_id, self.ids())
+            slot = self.slots.slot_of(adapter_id)
+            if slot is not None and self.slots.pins[slot]:
+                raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
+        adapter = self._read(record)
+        with self._lock:
+            slot = self.slots.slot_of(adapter_id)
+            if slot is not None and not self.slots.pins[slot]:
+                self.slots.clear(slot)
+            self._drop_host(adapter_id)
+            self._put_host(record, adapter)
+        return record
+
+    # ---- source -> host -----------------------------------------------------------------------
+    def _read(self, record: AdapterRecord) -> LoraAdapter:
+        spec = record.spec
+        start = time.perf_counter()
+        with self._lock:
+            record.source_reads += 1
+        try:
+            directory = resolve_local_dir(spec.source, spec.revision, self.hub_cache_dir, ADAPTER_FILE_PATTERNS)
+        except FileNotFoundError as exc:
+            raise AdapterLoadError(spec.adapter_id, str(exc)) from exc
+        adapter = load_peft_adapter(spec.adapter_id, Path(directory), self.arch, self.max_rank, self.dtype, spec.source)
+        if self.device.startswith("cuda"):
+            # Page-locked host copies make the later host-to-device copy asynchronous and fast.
+            adapter = _pin_memory(adapter)
+        with self._lock:
+            self.counters.source_loads += 1
+            self._record_latency(time.perf_counter() - start)
+        return adapter
+
+    def _record_latency(self, seconds: float) -> None:
+        lat = self.counters.load_seconds
+        lat.append(seconds)
+        if len(lat) > 4096:
+            del lat[: len(lat) - 4096]
+
+    def _put_host(self, record: AdapterRecord, adapter: LoraAdapter) -> None:
+        if adapter.nbytes > self.host_cache_bytes:
+            raise AdapterLoadError(
+                adapter.adapter_id, f"needs {adapter.nbytes} bytes, more than host_cache_bytes={self.host_cache_bytes}"
+            )
+        self._drop_host(adapter.adapter_id)
+        while self.host_bytes + adapter.nbytes > self.host_cache_bytes:
+            victim = self._host_victim()
+            if victim is None:
+                break
+            self._drop_host(victim)
+            self.counters.host_evictions += 1
+        record.adapter = adapter
+        record.rank = adapter.rank
+        record.targets = adapter.targets
+        record.nbytes = adapter.nbytes
+        self.host_lru[adapter.adapter_id] = None
+        self.host_bytes += adapter.nbytes
+
+    def _host_victim(self) -> str | None:
+        # Any host copy may go, also one whose adapter sits in a device slot (the slot keeps working).
+        return next(iter(self.host_lru), None)
+
+    def _drop_host(self, adapter_id: str) -> None:
+        if adapter_id in self.host_lru:
+            del self.host_lru[adapter_id]
+            record = self.records.get(adapter_id)
+            if record is not None and record.adapter is not None:
+                self.host_bytes -= record.adapter.nbytes
+                record.adapter = None
+
+    def _start_load(self, adapter_id: str) -> None:
+        if adapter_id in self._loading:
+            return
+        self._loading.add(adapter_id)
+        self._executor.submit(self._load_job, adapter_id)
+
+    def _load_job(self, adapter_id: str) -> None:
+        record = self.records.get(adapter_id)
+        try:
+            if record is None:
+                return
+            adapter = self._read(record)
+            with self._lock:
+                if self.records.get(adapter_id) is record:  # not unloaded meanwhile
+                    self._put_host(record, adapter)
+        except Exception as exc:  # any failure becomes the waiting requests' error
+            error = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(adapter_id, repr(exc))
+            with self._lock:
+                self.counters.load_failures += 1
+                self._failed[adapter_id] = (time.monotonic(), error)
+                self._new_failures.append((adapter_id, error))
+                if record is not None and record.dynamic:
+                    self.records.pop(adapter_id, None)
+        finally:
+            with self._lock:
+                self._loading.discard(adapter_id)
+            self.on_ready()
+
+    def take_failures(self) -> list[tuple[str, AdapterLoadError]]:
+        with self._lock:
+            out, self._new_failures = self._new_failures, []
+            return out
+
+    # ---- host -> device -----------------------------------------------------------------------
     def acquire(self, adapter_id: str) -> int | None:
         with self._lock:
             record = self.records.get(adapter_id)
             if record is None:
                 return None
             slot = self.slots.slot_of(adapter_id)
-            if slot is None:
-                slot = self._free_or_lru_slot()
-                if slot is None:
-                    self.misses += 1
-                    return None
-                if self.slots.occupant[slot] is not None:
-                    self.evictions += 1
-                self.slots.write(slot, record.adapter)
-                self.misses += 1
+            if slot is not None:
+                self.counters.device_hits += 1
             else:
-                self.hits += 1
+                if record.adapter is None:
+                    self.counters.host_misses += 1
+                    self._start_load(adapter_id)
+                    return None
+                slot = self._free_or_lru_slot()
+                if slot is None:  # every slot is pinned by running sequences: wait for one to finish
+                    return None
+                self.counters.device_misses += 1
+                self.counters.host_hits += 1
+                if self.slots.occupant[slot] is not None:
+                    self.counters.device_evictions += 1
+                self.slots.write(slot, record.adapter, non_blocking=self.device.startswith("cuda"))
+                self.host_lru.move_to_end(adapter_id)
             self.slots.pin(slot)
             self._slot_lru.move_to_end(slot)
             record.requests_served += 1
@@ -123,23 +325,67 @@ class AdapterPool:
                 raise RuntimeError(f"slot {slot} holds {self.slots.occupant[slot]!r}, not {adapter_id!r}")
             self.slots.unpin(slot)
 
+    # ---- introspection ------------------------------------------------------------------------
     def pinned_slots(self) -> int:
         return sum(1 for p in self.slots.pins if p)
 
+    def tier(self, adapter_id: str) -> str:
+        if self.slots.slot_of(adapter_id) is not None:
+            return "device"
+        record = self.records.get(adapter_id)
+        return "host" if record is not None and record.adapter is not None else "disk"
+
     def describe(self) -> list[dict[str, object]]:
-        out = []
-        for adapter_id, record in self.records.items():
-            a = record.adapter
-            out.append(
+        with self._lock:
+            return [
                 {
                     "id": adapter_id,
-                    "source": record.spec.source,
-                    "rank": a.rank,
-                    "targets": list(a.targets),
-                    "bytes": a.nbytes,
-                    "tier": "device" if self.slots.slot_of(adapter_id) is not None else "host",
-                    "requests_served": record.requests_served,
-                    "last_used": record.last_used or None,
+                    "source": r.spec.source,
+                    "revision": r.spec.revision,
+                    "rank": r.rank,
+                    "targets": list(r.targets),
+                    "bytes": r.nbytes,
+                    "tier": self.tier(adapter_id),
+                    "loading": adapter_id in self._loading,
+                    "dynamic": r.dynamic,
+                    "requests_served": r.requests_served,
+                    "last_used": r.last_used or None,
                 }
-            )
-        return out
+                for adapter_id, r in self.records.items()
+            ]
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            c = self.counters
+            return {
+                "adapters_registered": len(self.records),
+                "adapters_host": len(self.host_lru),
+                "adapters_device": sum(1 for o in self.slots.occupant if o is not None),
+                "adapters_loading": len(self._loading),
+                "host_bytes": self.host_bytes,
+                "host_cache_bytes": self.host_cache_bytes,
+                "device_slot_bytes": self.slots.nbytes,
+                "device_hits": c.device_hits,
+                "device_misses": c.device_misses,
+                "host_hits": c.host_hits,
+                "host_misses": c.host_misses,
+                "source_loads": c.source_loads,
+                "load_failures": c.load_failures,
+                "host_evictions": c.host_evictions,
+                "device_evictions": c.device_evictions,
+            }
+
+    def shutdown(self) -> None:
+        if isinstance(self._executor, ThreadPoolExecutor):
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _pin_memory(adapter: LoraAdapter) -> LoraAdapter:
+    from dataclasses import replace
+
+    from engine.adapters import LoraModuleWeights
+
+    pinned = {
+        key: LoraModuleWeights(w.lora_a.pin_memory(), w.lora_b.pin_memory(), w.scaling) for key, w in adapter.weights.items()
+    }
+    return replace(adapter, weights=pinned)

@@ -51,10 +51,17 @@ class EngineConfig:
     # adapters
     max_lora_rank: int = 64
     max_adapter_slots: int = 32
-    allow_dynamic_adapters: bool = False
+    allow_dynamic_adapters: bool = False  # LoRAX-style: an unlisted adapter id is loaded on first use
+    adapter_source_roots: tuple[str, ...] = ()  # local dirs a dynamic/admin source may come from
+    host_cache_bytes: int = 2 * 1024**3  # host (CPU) LRU cache of adapter weights
+    preload_adapters: bool = True  # read listed adapters at start (fail fast) instead of on first use
+    adapter_failure_ttl_s: float = 30.0  # a failed load is answered from memory this long
     # kernels: "auto" (Triton on CUDA), "torch", "triton"
     lora_backend: str = "auto"
     seed: int = 0
+    # "safetensors": the model directory's weights; "dummy": random weights of the config's shape,
+    # made on the device (as vLLM's --load-format dummy) for benchmarks of large shapes.
+    load_format: str = "safetensors"
     hub_cache_dir: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -70,6 +77,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_adapter_slots < 0:
             raise ValueError(f"max_adapter_slots must be >= 0, got {self.max_adapter_slots}")
+        if self.load_format not in ("safetensors", "dummy"):
+            raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         ids = [a.adapter_id for a in self.adapters]
         if len(ids) != len(set(ids)):
             raise ValueError(f"adapter ids must be unique, got {ids}")

@@ -28,10 +28,10 @@ from engine.attention import KVCache
 from engine.block_manager import BlockManager
 from engine.config import AdapterSpec, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import EngineDeadError, EngineError, InvalidRequestError
+from engine.errors import AdapterBusyError, EngineDeadError, EngineError, InvalidRequestError
 from engine.hub import resolve_local_dir
 from engine.model_arch import ModelArch
-from engine.model_loader import load_causal_lm
+from engine.model_loader import dummy_causal_lm, load_causal_lm
 from engine.model_runner import ModelRunner, SampledToken
 from engine.outputs import RequestOutput, TokenInfo
 from engine.sampling_params import SamplingParams
@@ -88,7 +88,10 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.dtype = config.torch_dtype
         self.device = config.device
-        self.model = load_causal_lm(self.model_dir, self.arch, self.dtype, self.device)
+        if config.load_format == "dummy":
+            self.model = dummy_causal_lm(self.arch, self.dtype, self.device, config.seed)
+        else:
+            self.model = load_causal_lm(self.model_dir, self.arch, self.dtype, self.device)
         self.eos_token_ids = self._eos_ids(hf_config)
 
         bytes_per_block = KVCache.bytes_per_block(
@@ -103,11 +106,22 @@ class Engine:
         model_len = config.max_model_len or min(self.arch.max_position_embeddings, MAX_MODEL_LEN_DEFAULT_CAP)
         # A request must fit the cache on its own, or preemption could never make room for it.
         self.max_model_len = min(model_len, self.blocks.capacity_tokens)
+        self._wake = threading.Event()
         self.pool = AdapterPool(
-            self.arch, config.max_adapter_slots, config.max_lora_rank, self.dtype, self.device, config.hub_cache_dir
+            self.arch,
+            config.max_adapter_slots,
+            config.max_lora_rank,
+            self.dtype,
+            self.device,
+            host_cache_bytes=config.host_cache_bytes,
+            hub_cache_dir=config.hub_cache_dir,
+            allow_dynamic=config.allow_dynamic_adapters,
+            local_roots=config.adapter_source_roots,
+            failure_ttl_s=config.adapter_failure_ttl_s,
+            on_ready=self._wake.set,
         )
         for spec in config.adapters:
-            self.pool.register(spec)
+            self.pool.register(spec, load_now=config.preload_adapters)
         self.scheduler = Scheduler(
             self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
         )
@@ -116,7 +130,6 @@ class Engine:
         self._streams: dict[str, _Stream] = {}
         self._pending_aborts: set[str] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
         self._stop = False
         self._dead: BaseException | None = None
         self._rng = random.Random(config.seed)
@@ -150,8 +163,35 @@ class Engine:
     def adapter_ids(self) -> list[str]:
         return self.pool.ids()
 
+    def adapter_info(self) -> list[dict[str, Any]]:
+        """Every registered adapter: id, source, rank, targets, bytes, tier (disk/host/device), usage."""
+        return self.pool.describe()
+
+    def load_adapter(self, spec: AdapterSpec, preload: bool = True) -> dict[str, Any]:
+        """Register (or re-register) an adapter; with preload, read and validate it now."""
+        if self.pool.known(spec.adapter_id):  # same id again: new source and/or changed files
+            self.pool.register(spec, load_now=False)
+            record = self.pool.reload(spec.adapter_id)
+        else:
+            record = self.pool.register(spec, load_now=preload)
+        self._wake.set()
+        return {"id": spec.adapter_id, "tier": self.pool.tier(spec.adapter_id), "bytes": record.nbytes}
+
+    def reload_adapter(self, adapter_id: str) -> dict[str, Any]:
+        record = self.pool.reload(adapter_id)
+        return {"id": adapter_id, "tier": self.pool.tier(adapter_id), "bytes": record.nbytes}
+
+    def unload_adapter(self, adapter_id: str) -> None:
+        """Forget an adapter. Refused with AdapterBusyError while requests for it run or wait."""
+        with self._lock:
+            waiting = len(self.scheduler.queues.get(adapter_id, ()))
+            if waiting:
+                raise AdapterBusyError(adapter_id, f"{waiting} requests are waiting for it")
+            self.pool.unload(adapter_id)
+
+    # kept for callers of the first API
     def add_adapter(self, spec: AdapterSpec) -> None:
-        self.pool.register(spec)
+        self.load_adapter(spec)
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -276,11 +316,14 @@ class Engine:
         while not self._stop:
             with self._lock:
                 self._apply_aborts()
+                self._fail_adapter_loads()
                 batch = self.scheduler.schedule() if self.scheduler.has_work() else None
                 if batch is not None:
                     self.counters.preemptions += len(batch.preempted)
             if batch is None or batch.empty:
-                self._wake.wait(timeout=0.5 if batch is None else 0.002)
+                # Nothing runnable (idle, or every waiting adapter is still loading): the pool's
+                # on_ready and every new request set _wake.
+                self._wake.wait(timeout=0.5 if batch is None else 0.05)
                 self._wake.clear()
                 continue
             try:
@@ -292,6 +335,14 @@ class Engine:
                 continue
             with self._lock:
                 self._postprocess(batch, sampled)
+
+    def _fail_adapter_loads(self) -> None:
+        for adapter_id, error in self.pool.take_failures():
+            for seq in list(self.scheduler.queues.get(adapter_id, ())):
+                stream = self._streams.get(seq.request_id)
+                if stream is not None and not stream.done:
+                    self.counters.failed += 1
+                    self._finish(stream, "error", error=error)
 
     def _apply_aborts(self) -> None:
         for rid in self._pending_aborts:
@@ -442,6 +493,7 @@ class Engine:
                 "finished": c.finished,
                 "aborted": c.aborted,
                 "failed": c.failed,
+                "adapters": self.pool.stats(),
             }
 
     def check_idle_invariants(self) -> None:
@@ -453,6 +505,7 @@ class Engine:
             assert not self.scheduler.running and self.scheduler.num_waiting == 0
 
     def shutdown(self) -> None:
+        self.pool.shutdown()
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)

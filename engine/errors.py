@@ -49,3 +49,13 @@ class EngineDeadError(EngineError):
     """The engine's step loop failed; the request cannot complete (HTTP 500)."""
 
     error_type = "generation"
+
+
+class AdapterBusyError(EngineError):
+    """The adapter is in use by running requests; the operation is refused (HTTP 409)."""
+
+    error_type = "adapter_busy"
+
+    def __init__(self, adapter_id: str, message: str) -> None:
+        super().__init__(f"adapter {adapter_id!r}: {message}")
+        self.adapter_id = adapter_id

@@ -59,3 +59,27 @@ def load_causal_lm(directory: Path, arch: ModelArch, dtype: torch.dtype, device:
         model.lm_head_weight = head.to(device=device, dtype=dtype)
     model.eval()
     return model
+
+
+def dummy_causal_lm(arch: ModelArch, dtype: torch.dtype, device: str, seed: int = 0, std: float = 0.02) -> CausalLM:
+    """Random weights of `arch`'s shape, drawn on the device: no checkpoint needed (benchmarks)."""
+    with torch.device("meta"):
+        model = CausalLM(arch)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                param.fill_(1.0)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen, device=device, dtype=torch.float32) * std)
+    model.to(dtype=dtype)
+    model.inv_freq = rope_inv_freq(arch).to(device)
+    if not arch.tie_word_embeddings:
+        model.lm_head_weight = (
+            torch.randn(arch.vocab_size, arch.hidden_size, generator=gen, device=device, dtype=torch.float32) * std
+        ).to(dtype)
+    model.eval()
+    return model

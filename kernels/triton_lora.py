@@ -49,8 +49,17 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _pad_rank(rank: int) -> int:
-    # tl.dot needs every block dim >= 16; BGMV uses the same padding so the two paths agree.
+    # tl.dot needs every block dim >= 16 (SGMV only; BGMV pads to the next power of two).
     return max(16, triton.next_power_of_2(rank))
+
+
+def _check_shapes(rows: int, index_len: int | None, cols: int, expected_cols: int, what: str) -> None:
+    # Kernels do not bounds-check against the tensors' real extents, so a mismatch the reference
+    # would reject with an exception would silently read or write out of bounds here.
+    if index_len is not None and index_len != rows:
+        raise ValueError(f"{what}: token_slots has {index_len} entries for {rows} rows")
+    if cols != expected_cols:
+        raise ValueError(f"{what}: expected {expected_cols} columns, got {cols}")
 
 
 def _pick_split_k(useful_programs: int, k_blocks: int, device: torch.device) -> int:
@@ -344,6 +353,7 @@ def _reduce_into(partial: torch.Tensor, out: torch.Tensor) -> None:
 def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
     num_tokens, in_features = x.shape
     rank = lora_a.shape[1]
+    _check_shapes(num_tokens, token_slots.shape[0], lora_a.shape[2], in_features, "bgmv_shrink lora_a")
     if num_tokens == 0 or rank == 0 or in_features == 0:
         return torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
 
@@ -401,9 +411,11 @@ def bgmv_expand(
 ) -> None:
     num_tokens = h.shape[0]
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
+    view = out[:, slice_offset : slice_offset + out_features]
+    _check_shapes(num_tokens, token_slots.shape[0], h.shape[1], rank, "bgmv_expand h")
+    _check_shapes(num_tokens, out.shape[0], view.shape[1], out_features, "bgmv_expand out slice")
     if num_tokens == 0 or out_features == 0 or rank == 0:
         return
-    view = out[:, slice_offset : slice_offset + out_features]
     rank_pad = triton.next_power_of_2(rank)
     block_n = min(max(16, _TILE_ELEMS // rank_pad), 1024, triton.next_power_of_2(out_features))
     grid = (num_tokens, triton.cdiv(out_features, block_n))
@@ -444,6 +456,7 @@ def sgmv_shrink(
     num_tokens, in_features = x.shape
     rank = lora_a.shape[1]
     num_segments = seg_starts.shape[0]
+    _check_shapes(num_tokens, None, lora_a.shape[2], in_features, "sgmv_shrink lora_a")
     out = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
     if num_tokens == 0 or num_segments == 0 or rank == 0 or in_features == 0:
         return out
@@ -487,7 +500,7 @@ def sgmv_shrink(
         BLOCK_R=rank_pad,
         DOT_PRECISION=_dot_precision(x.dtype),
         UPCAST_DOT=_upcast_dot(x),
-        num_warps=4,
+        num_warps=8 if block_m * rank_pad >= 4096 else 4,
         num_stages=3,
     )
     if split > 1:
@@ -508,9 +521,11 @@ def sgmv_expand(
     num_tokens = h.shape[0]
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
     num_segments = seg_starts.shape[0]
+    view = out[:, slice_offset : slice_offset + out_features]
+    _check_shapes(num_tokens, None, h.shape[1], rank, "sgmv_expand h")
+    _check_shapes(num_tokens, out.shape[0], view.shape[1], out_features, "sgmv_expand out slice")
     if num_tokens == 0 or num_segments == 0 or out_features == 0 or rank == 0:
         return
-    view = out[:, slice_offset : slice_offset + out_features]
     rank_pad = _pad_rank(rank)
     block_m = _sgmv_block_m(num_tokens, num_segments)
     block_n = min(128 if rank_pad <= 64 else 64, max(16, triton.next_power_of_2(out_features)))
@@ -537,8 +552,8 @@ def sgmv_expand(
         BLOCK_R=rank_pad,
         DOT_PRECISION=_dot_precision(h.dtype),
         UPCAST_DOT=_upcast_dot(h),
-        # The fp32 accumulator plus the loaded `out` tile need ~128 registers per thread at 4 warps
-        # for a 64x128 tile, which spills on sm_90; 8 warps halves that.
-        num_warps=8 if block_m * block_n >= 8192 else 4,
+        # At 4 warps a 64x128 fp32 accumulator plus the loaded `out` tile (or a 128-wide rank tile)
+        # spills registers on sm_90 (ptxas -v); 8 warps halves the per-thread share.
+        num_warps=8 if max(block_m * block_n, block_m * rank_pad, rank_pad * block_n) >= 8192 else 4,
         num_stages=2,
     )

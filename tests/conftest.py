@@ -1,9 +1,14 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's CPU interpreter here; this must precede the first triton import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers import TinyFamily, build_family
 
