@@ -64,7 +64,7 @@ def _fidelity(section: dict[str, Any], meta: dict[str, Any]) -> None:
                                  device=device, max_lora_rank=64, max_adapter_slots=8, num_kv_blocks=256,
                                  lora_backend="triton" if meta["cuda"] else "auto"))
     rng = random.Random(0)
-    words = "the quick brown fox jumps over lazy dog serving many adapters batch cache".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "serving", "many", "adapters", "batch", "cache"]
     names: list[str | None] = [None, *adapters]
     requests = [(" ".join(rng.choice(words) for _ in range(rng.randint(2, 30))), names[i % len(names)]) for i in range(20)]
 
