@@ -251,6 +251,8 @@ class AdapterPool:
     def _start_load(self, adapter_id: str) -> None:
         if adapter_id in self._loading:
             return
+        # Counted per load, not per retry: the scheduler asks again every step while it waits.
+        self.counters.host_misses += 1
         self._loading.add(adapter_id)
         self._executor.submit(self._load_job, adapter_id)
 
@@ -292,7 +294,6 @@ class AdapterPool:
                 self.counters.device_hits += 1
             else:
                 if record.adapter is None:
-                    self.counters.host_misses += 1
                     self._start_load(adapter_id)
                     return None
                 slot = self._free_or_lru_slot()
