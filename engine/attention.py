@@ -47,6 +47,17 @@ class PrefillSpan:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows [start, end) of similar context length, attended together (padded to the longest)."""
+
+    start: int
+    end: int
+    kv_slots: torch.Tensor  # [n, max_context] flat slots, padded with 0
+    context_lens: torch.Tensor  # [n]
+    positions: torch.Tensor  # [n] position of each decode token
+
+
+@dataclass
 class AttentionBatch:
     """Where each token of the step lives. Rows [0, num_prefill_tokens) are prefill spans; the rest decode."""
 
@@ -54,9 +65,7 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V is written to
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
-    decode_kv_slots: torch.Tensor | None  # [D, max_context] flat slots, padded with 0
-    decode_context_lens: torch.Tensor | None  # [D]
-    decode_positions: torch.Tensor | None  # [D] position of each decode token
+    decode_groups: list[DecodeGroup]
 
 
 def paged_attention(
@@ -91,19 +100,18 @@ def paged_attention(
             q[rows].transpose(0, 1), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
         )
         out[rows] = o.transpose(0, 1)
-    p = attn.num_prefill_tokens
-    if attn.decode_kv_slots is not None and p < q.shape[0]:
-        assert attn.decode_context_lens is not None and attn.decode_positions is not None
-        d, max_ctx = attn.decode_kv_slots.shape
-        flat = attn.decode_kv_slots.reshape(-1)
+    for group in attn.decode_groups:
+        d, max_ctx = group.kv_slots.shape
+        flat = group.kv_slots.reshape(-1)
         keys = k_cache.index_select(0, flat).reshape(d, max_ctx, *k_cache.shape[1:]).transpose(1, 2)
         values = v_cache.index_select(0, flat).reshape(d, max_ctx, *v_cache.shape[1:]).transpose(1, 2)
         k_pos = torch.arange(max_ctx, device=q.device).unsqueeze(0)
-        mask = k_pos < attn.decode_context_lens.unsqueeze(1)
+        mask = k_pos < group.context_lens.unsqueeze(1)
         if sliding_window is not None:
-            mask &= (attn.decode_positions.unsqueeze(1) - k_pos) < sliding_window
+            mask &= (group.positions.unsqueeze(1) - k_pos) < sliding_window
         o = F.scaled_dot_product_attention(
-            q[p:].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=gqa
+            q[group.start : group.end].unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :], scale=scale,
+            enable_gqa=gqa,
         )
-        out[p:] = o.squeeze(2)
+        out[group.start : group.end] = o.squeeze(2)
     return out

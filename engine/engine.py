@@ -93,6 +93,7 @@ class Engine:
         else:
             self.model = load_causal_lm(self.model_dir, self.arch, self.dtype, self.device)
         self.eos_token_ids = self._eos_ids(hf_config)
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)  # the property rebuilds a list per call
 
         bytes_per_block = KVCache.bytes_per_block(
             self.arch.num_layers, config.block_size, self.arch.num_kv_heads, self.arch.head_dim, self.dtype
@@ -379,7 +380,7 @@ class Engine:
 
     def _token_info(self, token_id: int, logprob: float | None) -> TokenInfo:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return TokenInfo(token_id, text, logprob, token_id in self.tokenizer.all_special_ids)
+        return TokenInfo(token_id, text, logprob, token_id in self._special_ids)
 
     def _append_token(self, stream: _Stream, st: SampledToken, now: float) -> None:
         seq, params = stream.seq, stream.seq.params

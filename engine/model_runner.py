@@ -7,13 +7,17 @@ from dataclasses import dataclass
 import torch
 
 from engine.adapter_slots import AdapterSlots
-from engine.attention import AttentionBatch, KVCache, PrefillSpan
+from engine.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSpan
 from engine.block_manager import BlockManager
 from engine.model import CausalLM, LoraContext
 from engine.sampler import SampleRow, sample
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence
 from kernels.lora_ops import LoraBatch, LoraOps
+
+# Decode sequences attend in groups of this many, sorted by context length: each group pads only to
+# its own longest context instead of the batch's (CPU attention cost is dominated by padded reads).
+DECODE_GROUP = 16
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[SampledToken]:
-        rows: list[ScheduledSeq] = batch.prefills + batch.decodes
+        # Decodes sorted by context length, so each attention group pads to a similar length.
+        decodes = sorted(batch.decodes, key=lambda s: s.seq.num_computed)
+        rows: list[ScheduledSeq] = batch.prefills + decodes
         input_ids: list[int] = []
         positions: list[int] = []
         token_slots: list[int] = []
@@ -84,20 +90,25 @@ class ModelRunner:
         slot_mapping = [self.blocks.slot(s.seq.request_id, p) for s in rows for p in range(s.seq.num_computed, s.seq.num_computed + s.num_tokens)]
         num_prefill = sum(s.num_tokens for s in batch.prefills)
         dev = self.device
-        decode_slots = decode_lens = decode_pos = None
-        if batch.decodes:
-            lens = [s.seq.num_computed + 1 for s in batch.decodes]
-            decode_slots = self._slots_of([s.seq.request_id for s in batch.decodes], lens)
-            decode_lens = torch.tensor(lens, device=dev)
-            decode_pos = torch.tensor([n - 1 for n in lens], device=dev)
+        groups = []
+        for g in range(0, len(decodes), DECODE_GROUP):
+            members = decodes[g : g + DECODE_GROUP]
+            lens = [s.seq.num_computed + 1 for s in members]
+            groups.append(
+                DecodeGroup(
+                    start=num_prefill + g,
+                    end=num_prefill + g + len(members),
+                    kv_slots=self._slots_of([s.seq.request_id for s in members], lens),
+                    context_lens=torch.tensor(lens, device=dev),
+                    positions=torch.tensor([n - 1 for n in lens], device=dev),
+                )
+            )
         attn = AttentionBatch(
             positions=torch.tensor(positions, device=dev),
             slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
             prefills=spans,
             num_prefill_tokens=num_prefill,
-            decode_kv_slots=decode_slots,
-            decode_context_lens=decode_lens,
-            decode_positions=decode_pos,
+            decode_groups=groups,
         )
         lora = None
         if any(slot >= 0 for slot in token_slots):
