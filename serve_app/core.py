@@ -14,16 +14,27 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict
 from typing import Any, TypedDict
 
-from engine import Engine, EngineConfig, EngineError, InvalidRequestError, RequestOutput, SamplingParams, TokenInfo
+from engine import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    InvalidRequestError,
+    RequestOutput,
+    SamplingParams,
+    TokenInfo,
+)
 from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from serve_app.errors import error_info, status_label
 from serve_app.metrics import ReplicaMetrics
 
 UNKNOWN_ADAPTER_LABEL = "__unknown__"  # metric label for ids we do not serve (keeps label cardinality bounded)
 FINISHED_OK = ("length", "eos_token", "stop_sequence")
+# Streaming chunks a replica sends per second, all streams together (0 = every token on its own).
+# Each costs ~1-2 ms of CPU across replica, ingress and proxy; 50/s keeps that under a tenth of a
+# core (measured on 2 CPU cores: loadtests/bench_serve.py). Raise it on machines with cores to spare.
+DEFAULT_STREAM_MESSAGES_PER_S = 50.0
 
 
 class EngineRequest(TypedDict, total=False):
@@ -54,8 +65,11 @@ def engine_alive(engine: Engine) -> bool:
 
 
 class ReplicaCore:
-    def __init__(self, config: EngineConfig, served_name: str, replica_id: str = "local") -> None:
+    def __init__(self, config: EngineConfig, served_name: str, replica_id: str = "local",
+                 stream_messages_per_s: float = DEFAULT_STREAM_MESSAGES_PER_S) -> None:
         self.engine = Engine(config)
+        self.stream_messages_per_s = stream_messages_per_s
+        self._active_streams = 0
         self.config = config
         self.served_name = served_name
         self.replica_id = replica_id
@@ -152,8 +166,9 @@ class ReplicaCore:
         finally:
             end = time.time()
             tpot = (last - first) / (generated - 1) if first and last and generated > 1 else None
+            ran = status in ("ok", "aborted")
             self.metrics.record(
-                label, status, prompt_tokens=len(ids), generated_tokens=generated,
+                label, status, prompt_tokens=len(ids) if ran else 0, generated_tokens=generated,
                 ttft=(first - arrival) if first else None, tpot=tpot,
                 latency=(end - arrival) if status == "ok" else None,
             )
@@ -187,30 +202,46 @@ class ReplicaCore:
         return result
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[list[dict[str, Any]]]:
-        """Deltas in chunks: each chunk is every delta ready at that moment (one or more tokens).
+        """Deltas in chunks of one or more tokens. Errors arrive as a final {"error": ErrorInfo} item.
 
-        A pump task reads the engine while the caller (Ray's streaming RPC) ships the previous chunk;
-        when shipping is slower than decoding, deltas pile up and go out together, so the per-item
-        RPC cost does not throttle the engine. Errors arrive as a final {"error": ErrorInfo} item.
+        Every chunk costs a message through Ray (replica -> ingress -> proxy), about as much CPU as
+        decoding one token of a small model. So the replica keeps the total message rate under
+        `stream_messages_per_s`: each stream may send one chunk per `active streams / rate` seconds
+        and the deltas in between go out together (at 50/s a lone stream may send every 20 ms,
+        a few tokens of a small model; 8 streams every 160 ms). With many concurrent streams each gets chunkier instead of the
+        messaging eating the decode throughput. The first chunk (time to first token) and the last are never held back.
         Closing or cancelling this generator cancels the pump, which aborts the engine request.
         """
+        loop = asyncio.get_running_loop()
         queue: asyncio.Queue[RequestOutput | BaseException | None] = asyncio.Queue()
+        ended = loop.create_future()  # set when the final item is queued: flush it without waiting
+
+        def put(item: RequestOutput | BaseException | None) -> None:
+            queue.put_nowait(item)
+            if (item is None or isinstance(item, BaseException) or item.finished) and not ended.done():
+                ended.set_result(None)
 
         async def pump() -> None:
             try:
                 async for out in self.outputs(req):
-                    queue.put_nowait(out)
+                    put(out)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                queue.put_nowait(exc)
+                put(exc)
             else:
-                queue.put_nowait(None)
+                put(None)
 
-        task = asyncio.get_running_loop().create_task(pump())
+        task = loop.create_task(pump())
+        self._active_streams += 1
+        last_sent: float | None = None
         try:
             while True:
                 items = [await queue.get()]
+                if last_sent is not None and self.stream_messages_per_s > 0 and not ended.done():
+                    wait = last_sent + self._active_streams / self.stream_messages_per_s - loop.time()
+                    if wait > 0:
+                        await asyncio.wait([ended], timeout=wait)  # collect deltas meanwhile
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 chunk: list[dict[str, Any]] = []
@@ -224,10 +255,13 @@ class ReplicaCore:
                     else:
                         chunk.append(_delta(item))
                 if chunk:
+                    self.metrics.record_chunk(len(chunk))
                     yield chunk
+                    last_sent = loop.time()
                 if done:
                     return
         finally:
+            self._active_streams -= 1
             if not task.done():
                 task.cancel()
                 # Let the cancellation run now (it aborts the request and frees its KV blocks).
@@ -237,8 +271,8 @@ class ReplicaCore:
     # ---- introspection ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         engine = self.engine
-        pool = getattr(engine, "pool", None)
-        adapters = pool.describe() if pool is not None else [{"id": a} for a in engine.adapter_ids()]
+        describe = getattr(engine, "adapter_info", None)  # newer engines; else the pool's own listing
+        adapters = describe() if describe is not None else engine.pool.describe()
         return {
             "model_id": self.served_name,
             "model_path": str(engine.model_dir),
@@ -291,8 +325,3 @@ def _delta(out: RequestOutput) -> dict[str, Any]:
     if out.finished:
         delta.update(_final_fields(out))
     return delta
-
-
-def sampling_fields() -> set[str]:
-    """Names SamplingParams accepts (the ingress builds `params` from these only)."""
-    return set(asdict(SamplingParams()))

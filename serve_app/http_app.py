@@ -54,7 +54,9 @@ class HttpCounter:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a route prefix
+            path = path[len(root):] or "/"
         route = path if path in KNOWN_ROUTES else "other"  # bounded label values
 
         async def counting_send(message: Message) -> None:
@@ -85,8 +87,10 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
 
 
 class _Api:
-    def __init__(self, backend: Backend, max_body_bytes: int, counts: dict[tuple[str, str], int]) -> None:
+    def __init__(self, backend: Backend, max_body_bytes: int, counts: dict[tuple[str, str], int],
+                 ingress_id: str) -> None:
         self.backend = backend
+        self.ingress_id = ingress_id
         self.max_body_bytes = max_body_bytes
         self.counts = counts
         self._info: dict[str, Any] | None = None
@@ -149,15 +153,21 @@ class _Api:
             try:
                 pending = first or []
                 while True:
+                    # One write per chunk: every ASGI message costs a hop through Serve's proxy.
+                    out: list[bytes] = []
                     for delta in pending:
                         if "error" in delta:
-                            yield sse(tgi_error_body(delta["error"]))
-                            return
+                            out.append(sse(tgi_error_body(delta["error"])))
+                            finished = True
+                            break
                         index += 1
-                        yield sse(tgi.stream_event(treq, index, delta))
+                        out.append(sse(tgi.stream_event(treq, index, delta)))
                         if delta["finished"]:
                             finished = True
-                            return
+                            break
+                    yield b"".join(out)
+                    if finished:
+                        return
                     try:
                         pending = await chunks.__anext__()
                     except StopAsyncIteration:
@@ -224,28 +234,36 @@ class _Api:
                                                           None, None))
                 pending = first or []
                 while True:
+                    out: list[bytes] = []  # one write per chunk, as above
+                    done = False
                     for delta in pending:
                         if "error" in delta:
-                            yield sse(openai_error_body(delta["error"], prompt_field))
-                            yield b"data: [DONE]\n\n"
-                            return
+                            out += [sse(openai_error_body(delta["error"], prompt_field)), b"data: [DONE]\n\n"]
+                            done = True
+                            break
                         reason = delta.get("finish_reason") if delta["finished"] else None
                         if chat:
                             if delta["text"] or oreq.logprobs is not None:
-                                yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
-                                                                {"content": delta["text"]}, delta, None))
+                                out.append(sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
+                                                                     {"content": delta["text"]}, delta, None)))
                             if delta["finished"]:
-                                yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created, {},
-                                                                None, reason))
+                                out.append(sse(openai_api.chat_chunk(oreq, request_id, model_name, created, {},
+                                                                     None, reason)))
                         else:
-                            yield sse(openai_api.completion_chunk(oreq, request_id, model_name, created,
-                                                                  delta["text"], delta, reason))
+                            out.append(sse(openai_api.completion_chunk(oreq, request_id, model_name, created,
+                                                                       delta["text"], delta, reason)))
                         if delta["finished"]:
                             if oreq.include_usage:
-                                yield sse(openai_api.usage_chunk(oreq, request_id, model_name, created,
-                                                                 delta["prompt_tokens"], delta["generated_tokens"]))
-                            yield b"data: [DONE]\n\n"
-                            return
+                                out.append(sse(openai_api.usage_chunk(oreq, request_id, model_name, created,
+                                                                      delta["prompt_tokens"],
+                                                                      delta["generated_tokens"])))
+                            out.append(b"data: [DONE]\n\n")
+                            done = True
+                            break
+                    if out:
+                        yield b"".join(out)
+                    if done:
+                        return
                     try:
                         pending = await chunks.__anext__()
                     except StopAsyncIteration:
@@ -328,7 +346,7 @@ class _Api:
             snapshots = await self.backend.snapshots()
         except Exception:
             snapshots = []  # still expose the ingress's own counters
-        return Response(render_prometheus(snapshots, dict(self.counts)), media_type=CONTENT_TYPE_LATEST)
+        return Response(render_prometheus(snapshots, dict(self.counts), self.ingress_id), media_type=CONTENT_TYPE_LATEST)
 
     async def admin_stats(self, request: Request) -> Response:
         try:
@@ -349,9 +367,9 @@ def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Re
     return handler
 
 
-def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024) -> Starlette:
+def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingress_id: str = "local") -> Starlette:
     counts: dict[tuple[str, str], int] = {}
-    api = _Api(backend, max_body_bytes, counts)
+    api = _Api(backend, max_body_bytes, counts, ingress_id)
     routes = [
         Route("/", api.compat, methods=["POST"]),
         Route("/generate", api.generate, methods=["POST"]),

@@ -63,6 +63,13 @@ class ReplicaMetrics:
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
+        self.stream_chunks = 0  # messages sent on streaming calls ...
+        self.stream_deltas = 0  # ... and the token deltas in them (their ratio shows how much was coalesced)
+
+    def record_chunk(self, deltas: int) -> None:
+        with self._lock:
+            self.stream_chunks += 1
+            self.stream_deltas += deltas
 
     def record(
         self,
@@ -98,6 +105,8 @@ class ReplicaMetrics:
                 "ttft": self.ttft.to_dict(),
                 "tpot": self.tpot.to_dict(),
                 "latency": self.latency.to_dict(),
+                "stream_chunks": self.stream_chunks,
+                "stream_deltas": self.stream_deltas,
             }
 
 
@@ -125,9 +134,11 @@ def batch_size_histogram(batch_seqs_hist: Mapping[Any, int]) -> dict[str, Any]:
 class SnapshotCollector(Collector):
     """Turns replica snapshots (+ the ingress's own HTTP counters) into Prometheus metric families."""
 
-    def __init__(self, snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int]) -> None:
+    def __init__(self, snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int],
+                 ingress_id: str) -> None:
         self.snapshots = snapshots
         self.http_counts = http_counts
+        self.ingress_id = ingress_id
 
     def collect(self) -> Iterable[Metric]:
         p = "loraserve_"
@@ -153,8 +164,11 @@ class SnapshotCollector(Collector):
         slots_pinned = GaugeMetricFamily(p + "adapter_slots_pinned", "Device adapter slots pinned by running requests", labels=["replica"])
         steps = CounterMetricFamily(p + "engine_steps", "Engine steps (batches run)", labels=["replica"])
         preemptions = CounterMetricFamily(p + "preemptions", "Sequences preempted for lack of KV blocks", labels=["replica"])
+        chunks = CounterMetricFamily(p + "stream_chunks", "Messages sent to the ingress on streaming requests", labels=["replica"])
+        deltas = CounterMetricFamily(p + "stream_deltas", "Token deltas in those messages", labels=["replica"])
         replicas = GaugeMetricFamily(p + "model_replicas", "Model replicas that answered this scrape")
-        http = CounterMetricFamily(p + "http_requests", "HTTP requests seen by this ingress replica, by route and status code", labels=["route", "code"])
+        http = CounterMetricFamily(p + "http_requests", "HTTP responses of the ingress replica that answered this scrape",
+                                   labels=["ingress", "route", "code"])
 
         for snap in self.snapshots:
             r = str(snap.get("replica", "?"))
@@ -185,16 +199,20 @@ class SnapshotCollector(Collector):
             slots_pinned.add_metric([r], e.get("adapter_slots_pinned", 0))
             steps.add_metric([r], e.get("steps", 0))
             preemptions.add_metric([r], e.get("preemptions", 0))
+            chunks.add_metric([r], m.get("stream_chunks", 0))
+            deltas.add_metric([r], m.get("stream_deltas", 0))
         replicas.add_metric([], len(self.snapshots))
         for (route, code), n in sorted(self.http_counts.items()):
-            http.add_metric([route, code], n)
+            http.add_metric([self.ingress_id, route, code], n)
         yield from (
             requests, gen_tokens, prompt_tokens, ttft, tpot, latency, batch, queue, running_by_adapter, running,
-            last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, replicas, http,
+            last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, chunks, deltas,
+            replicas, http,
         )
 
 
-def render_prometheus(snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int]) -> bytes:
+def render_prometheus(snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int],
+                      ingress_id: str = "local") -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SnapshotCollector(snapshots, http_counts))
+    registry.register(SnapshotCollector(snapshots, http_counts, ingress_id))
     return generate_latest(registry)

@@ -89,9 +89,10 @@ class AppSettings:
     replica_num_cpus: float = 1.0
     replica_num_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
     torch_threads: int | None = None  # None: the replica's CPU count (what Ray gives it)
+    stream_messages_per_s: float = 50.0  # streaming chunk budget per replica (serve_app/core.py); 0 = per token
     max_ongoing_requests: int | None = None  # None: derived from the engine's queue bounds
     autoscaling_config: dict[str, Any] | None = None
-    route_prefix: str = "/"
+    route_prefix: str = "/"  # where `python -m serve_app` mounts the app (config.yaml: the app's route_prefix)
     max_body_bytes: int = 4 * 1024 * 1024
 
     @property

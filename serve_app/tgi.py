@@ -105,7 +105,7 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
     if max_new_tokens is not None and max_new_tokens <= 0:
         raise ApiError(f"max_new_tokens: must be strictly positive, got {max_new_tokens}", field="max_new_tokens")
     seed = get_int(p, "seed", minimum=0, maximum=2**64 - 1)
-    stop = get_stop(p, "stop", MAX_STOP_SEQUENCES)
+    stop = get_stop(p, "stop", MAX_STOP_SEQUENCES, allow_str=False)
     truncate = get_int(p, "truncate")
     if truncate is not None and truncate <= 0:
         raise ApiError(f"truncate: must be strictly positive, got {truncate}", field="truncate")

@@ -68,14 +68,16 @@ def get_str(obj: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def get_stop(obj: Mapping[str, Any], key: str, max_count: int) -> list[str]:
+def get_stop(obj: Mapping[str, Any], key: str, max_count: int, *, allow_str: bool = True) -> list[str]:
+    """Stop sequences: a list of strings (OpenAI also allows a single string; TGI does not)."""
     value = obj.get(key)
     if value is None:
         return []
-    if isinstance(value, str):
+    if isinstance(value, str) and allow_str:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
-        raise ApiError(f"{key}: must be a string or a list of strings", field=key)
+        expected = "a string or a list of strings" if allow_str else "a list of strings"
+        raise ApiError(f"{key}: must be {expected}", field=key)
     if any(s == "" for s in value):
         raise ApiError(f"{key}: stop sequences must be non-empty", field=key)
     if len(value) > max_count:

@@ -1,0 +1,97 @@
+"""`python -m serve_app`: start the Serve app with TGI-like flags (the same app `serve run config.yaml` builds).
+
+    python -m serve_app --model-id demo --port 8000 --hostname 127.0.0.1
+    python -m serve_app --model-id ./my-llama --lora-adapters sql=./sql-lora,chat=org/chat-lora
+
+Flags mirror text-generation-launcher where the meaning matches (`--model-id`, `--lora-adapters`,
+`--max-total-tokens`, `--max-batch-prefill-tokens`, `--max-concurrent-requests`, ...). Ctrl-C / SIGTERM
+shuts Serve and the local Ray instance down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+# flag -> (app arg, type, help). None type = boolean flag.
+_FLAGS: list[tuple[str, str, type | None, str]] = [
+    ("--model-id", "model", str, "base model: 'demo', a local HF model dir, or a Hub id (default: demo)"),
+    ("--revision", "revision", str, "Hub revision of the base model"),
+    ("--served-model-name", "served_model_name", str, "public name of the base model (default: --model-id)"),
+    ("--lora-adapters", "adapters", str, "adapters as 'id=path,id2=path2' (LORA_ADAPTERS env var works too)"),
+    ("--dtype", "dtype", str, "float32 | bfloat16 | float16"),
+    ("--device", "device", str, "cpu | cuda | cuda:N (cuda reserves one GPU per model replica)"),
+    ("--max-total-tokens", "max_model_len", int, "max prompt + generated tokens per request"),
+    ("--max-batch-prefill-tokens", "max_num_batched_tokens", int, "token budget of one engine step"),
+    ("--max-batch-size", "max_num_seqs", int, "max sequences decoded together"),
+    ("--max-concurrent-requests", "max_waiting", int, "queue bound per replica; beyond it: HTTP 429"),
+    ("--max-new-tokens-limit", "max_new_tokens_limit", int, "largest max_new_tokens a request may ask"),
+    ("--num-kv-blocks", "num_kv_blocks", int, "KV-cache blocks per replica (default: from --kv-cache-bytes)"),
+    ("--kv-cache-bytes", "kv_cache_bytes", int, "KV-cache size per replica when --num-kv-blocks is not set"),
+    ("--block-size", "block_size", int, "tokens per KV block"),
+    ("--max-adapter-slots", "max_adapter_slots", int, "adapters resident on the device at once"),
+    ("--max-lora-rank", "max_lora_rank", int, "largest adapter rank accepted"),
+    ("--lora-backend", "lora_backend", str, "auto | torch | triton"),
+    ("--seed", "seed", int, "engine seed for requests without one"),
+    ("--num-replicas", "model_replicas", int, "model replicas (each holds the base model once)"),
+    ("--ingress-replicas", "ingress_replicas", int, "HTTP ingress replicas"),
+    ("--replica-num-cpus", "replica_num_cpus", float, "CPUs reserved per model replica"),
+    ("--torch-threads", "torch_threads", int, "torch threads per model replica"),
+    ("--stream-messages-per-s", "stream_messages_per_s", float,
+     "streaming chunks per second per replica, all streams together (0: one per token)"),
+]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    """(app args for build_app, launcher options)."""
+    parser = argparse.ArgumentParser(prog="python -m serve_app", description=__doc__.split("\n\n")[0])
+    for flag, dest, kind, text in _FLAGS:
+        parser.add_argument(flag, dest=f"app_{dest}", metavar=dest.upper(), type=kind, default=None, help=text)
+    parser.add_argument("--hostname", "--host", dest="host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    parser.add_argument("--route-prefix", default="/", help="URL prefix of the app (default /)")
+    parser.add_argument("--app-name", default="loraserve", help="Serve application name")
+    parser.add_argument("--address", default=None, help="join this Ray cluster instead of starting a local one")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    opts = parser.parse_args(argv)
+    app_args = {dest: getattr(opts, f"app_{dest}") for _, dest, _, _ in _FLAGS if getattr(opts, f"app_{dest}") is not None}
+    app_args.setdefault("model", "demo")
+    app_args["route_prefix"] = opts.route_prefix
+    return app_args, opts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    app_args, opts = parse_args(argv)
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    app = build_app(app_args)  # fails fast on bad arguments, before Ray starts
+    # From here on Ctrl-C / SIGTERM only ask to stop, so that a signal arriving while Serve is still
+    # starting (serve.run waits for the app) still ends in an orderly serve.shutdown().
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if not ray.is_initialized():
+        ray.init(address=opts.address, num_cpus=opts.num_cpus, include_dashboard=False, namespace="serve")
+    serve.start(http_options={"host": opts.host, "port": opts.port})
+    serve.run(app, name=opts.app_name, route_prefix=opts.route_prefix, blocking=False)
+    print(f"loraserve: serving on http://{opts.host}:{opts.port}{opts.route_prefix} (Ctrl-C to stop)", flush=True)
+
+    while not stop.wait(1.0):  # short waits keep the main thread responsive to signals
+        pass
+    if opts.address:  # a shared cluster: take down our app only
+        serve.delete(opts.app_name)
+    else:  # our own local Ray instance: Serve and Ray go with us
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

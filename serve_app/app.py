@@ -1,0 +1,75 @@
+"""`build_app(args)`: the Ray Serve application builder that config.yaml's `import_path` names.
+
+    applications:
+      - import_path: serve_app.app:build_app
+        args: {model: demo, adapters: "id=path,...", dtype: float32, device: cpu, ...}
+
+See serve_app/settings.py for every argument (TGI launcher names such as `model_id`,
+`lora_adapters`, `max_total_tokens` are accepted too; `LORA_ADAPTERS` in the environment is the
+fallback for `adapters`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ray.serve import Application
+
+from serve_app.demo import resolve_model
+from serve_app.deployments import Ingress, ModelReplica
+from serve_app.settings import AppSettings, engine_config_to_dict
+
+# Requests a model replica may hold beyond what its engine admits (info/health/metrics calls).
+CONTROL_SLACK = 16
+
+
+def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve options for (ModelReplica, Ingress).
+
+    The replica's `max_ongoing_requests` admits everything the engine can hold (running + waiting),
+    so Serve never starves the batcher; the engine's own bound (429 Overloaded) is what pushes back.
+    `max_queued_requests` bounds what waits in front of busy replicas (BackPressureError -> 429).
+    """
+    cuda = settings.device.startswith("cuda")
+    gpus = settings.replica_num_gpus if settings.replica_num_gpus is not None else (1.0 if cuda else 0.0)
+    actor: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
+    if gpus:
+        actor["num_gpus"] = gpus
+    ongoing = settings.max_ongoing_requests or (max_num_seqs + max_waiting + CONTROL_SLACK)
+    model: dict[str, Any] = {
+        "ray_actor_options": actor,
+        "max_ongoing_requests": ongoing,
+        "max_queued_requests": max_waiting,
+    }
+    if settings.autoscaling_config:
+        model["autoscaling_config"] = dict(settings.autoscaling_config)
+        model["num_replicas"] = "auto"
+        max_replicas = int(settings.autoscaling_config.get("max_replicas", settings.model_replicas))
+    else:
+        model["num_replicas"] = settings.model_replicas
+        max_replicas = settings.model_replicas
+    # The ingress only parses and forwards: no CPU reservation, and room for every replica's requests.
+    ingress = {
+        "num_replicas": settings.ingress_replicas,
+        "max_ongoing_requests": ongoing * max(1, max_replicas) // settings.ingress_replicas + CONTROL_SLACK,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    return model, ingress
+
+
+def build_app(args: Mapping[str, Any] | None = None) -> Application:
+    settings = AppSettings.from_args(args)
+    # Resolve (and for "demo", build) the model now: a bad model id fails the deploy, not each replica.
+    resolved = resolve_model(settings.model, settings.served_model_name)
+    config = settings.engine_config(resolved.path, resolved.adapters + settings.adapters)
+    config.validate()
+    model_opts, ingress_opts = deployment_options(settings, config.max_num_seqs, config.max_waiting)
+    torch_threads = settings.torch_threads or max(1, int(settings.replica_num_cpus))
+    # The replica gets the explicit adapters only; it re-resolves the model (and its bundled adapters)
+    # on its own node.
+    replica_config = engine_config_to_dict(settings.engine_config(resolved.path, settings.adapters))
+    options = {"torch_threads": torch_threads, "stream_messages_per_s": settings.stream_messages_per_s}
+    model = ModelReplica.options(**model_opts).bind(replica_config, settings.model, settings.served_model_name,
+                                                    options)
+    return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes)

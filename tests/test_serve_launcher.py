@@ -1,0 +1,65 @@
+"""`python -m serve_app` (the TGI-like launcher) end to end: flags and LORA_ADAPTERS reach the app.
+
+Its own module so that pytest tears the `serve run` instance of test_serve_e2e.py down first: only
+one local Ray instance runs at a time on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app.demo import build_demo
+from tests.test_serve_e2e import PROMPT, REPO, _free_port, _log_tail, _stop
+
+pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    demo = build_demo(cache)
+    extra = tmp_path / "copy-of-qv-r4"
+    shutil.copytree(demo / "adapters" / "qv-r4", extra)  # same weights under a new id
+    port = _free_port()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(LORASERVE_CACHE_DIR=str(cache), RAY_TMPDIR=str(ray_tmp), LORA_ADAPTERS=f"extra={extra}",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    log = tmp_path / "launcher.log"
+    cmd = [sys.executable, "-m", "serve_app", "--model-id", "demo", "--port", str(port), "--hostname", "127.0.0.1",
+           "--max-total-tokens", "256", "--max-batch-size", "8", "--num-kv-blocks", "64", "--num-cpus", "2"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"launcher exited with {proc.returncode}:\n{_log_tail(log)}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"launcher not healthy after 300s:\n{_log_tail(log)}")
+            time.sleep(0.5)
+        info = httpx.get(f"{url}/info", timeout=30).json()
+        assert info["max_total_tokens"] == 256 and info["max_batch_size"] == 8
+        assert "extra" in {a["id"] for a in info["adapters"]} and len(info["adapters"]) == 9
+        outs = [httpx.post(f"{url}/generate", timeout=60, json={
+            "inputs": PROMPT, "parameters": {"adapter_id": a, "max_new_tokens": 8}}).json() for a in ("extra", "qv-r4")]
+        assert outs[0] == outs[1]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        leftovers = _stop(proc, ray_tmp)
+        assert not leftovers, f"processes of the launcher's Ray instance survived: {leftovers}"
