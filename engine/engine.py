@@ -164,6 +164,14 @@ class Engine:
     def adapter_ids(self) -> list[str]:
         return self.pool.ids()
 
+    def has_adapter(self, adapter_id: str) -> bool:
+        """O(1): whether the adapter is registered (any tier)."""
+        return self.pool.known(adapter_id)
+
+    def is_alive(self) -> bool:
+        """False once the step thread has died or the engine was shut down (health checks)."""
+        return self._dead is None and not self._stop and self._thread.is_alive()
+
     def adapter_info(self) -> list[dict[str, Any]]:
         """Every registered adapter: id, source, rank, targets, bytes, tier (disk/host/device), usage."""
         return self.pool.describe()
@@ -313,6 +321,19 @@ class Engine:
 
     # ---- the step loop ------------------------------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._run_steps()
+        except BaseException as exc:  # a bug outside the model step: fail loudly, never hang callers
+            log.exception("engine step loop died")
+            self._dead = exc
+            with self._lock:
+                for stream in list(self._streams.values()):
+                    if not stream.done:
+                        stream.done = True
+                        stream.put(EngineDeadError(f"engine step loop died: {exc!r}"))
+                self._streams.clear()
+
+    def _run_steps(self) -> None:
         torch.set_grad_enabled(False)
         while not self._stop:
             with self._lock:

@@ -164,7 +164,7 @@ def _convert_into(gguf_path: Path, out: Path) -> None:
         raise
     except Exception as exc:  # the gguf reader raises anything from ValueError to struct / numpy errors
         raise GGUFConversionError(
-            f"could not read GGUF {gguf_path}: {type(exc).__name__}: {exc}. The file is probably corrupt or "
+            f"could not read GGUF {gguf_path}: {type(exc).__name__}: {str(exc).rstrip('.')}. The file is probably corrupt or "
             f"truncated; reinstall it ({REINSTALL_HINT}) or pass another file with --gguf."
         ) from exc
 
