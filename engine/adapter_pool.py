@@ -251,6 +251,11 @@ class AdapterPool:
     def _start_load(self, adapter_id: str) -> None:
         if adapter_id in self._loading:
             return
+        failure = self._failed.get(adapter_id)
+        if failure is not None and time.monotonic() - failure[0] < self.failure_ttl_s:
+            # Failed moments ago: the engine is about to fail the waiting requests with that
+            # error; reading the source again now would be the retry loop we promise not to do.
+            return
         # Counted per load, not per retry: the scheduler asks again every step while it waits.
         self.counters.host_misses += 1
         self._loading.add(adapter_id)

@@ -24,6 +24,32 @@ from serve_app.settings import AppSettings, engine_config_to_dict
 CONTROL_SLACK = 16
 
 
+AFFINITY_ROUTER = "serve_app.router:AdapterAffinityRouter"
+AGGREGATE_POLICY = "serve_app.autoscaling:AggregateLoadPolicy"
+# AggregateLoadPolicy's constructor arguments, accepted at the top level of autoscaling_config too.
+POLICY_KWARGS = ("target_load_per_replica", "downscale_headroom", "kv_pressure", "max_queue_wait_s")
+
+
+def autoscaling_config(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Serve's autoscaling_config from the app args: the aggregate-load policy unless one is named.
+
+    `{min_replicas: 1, max_replicas: 2, target_load_per_replica: 8}` is short for
+    `{min_replicas: 1, max_replicas: 2, policy: {policy_function: AGGREGATE_POLICY,
+    policy_kwargs: {target_load_per_replica: 8}}}`; an explicit `policy` is kept as given.
+    """
+    config = {k: v for k, v in raw.items() if k not in POLICY_KWARGS}
+    shortcuts = {k: raw[k] for k in POLICY_KWARGS if k in raw}
+    policy = dict(config.get("policy") or {})
+    if not policy:
+        policy = {"policy_function": AGGREGATE_POLICY}
+    elif shortcuts and policy.get("policy_function", AGGREGATE_POLICY) != AGGREGATE_POLICY:
+        raise ValueError(f"{sorted(shortcuts)} configure {AGGREGATE_POLICY}, not {policy['policy_function']}")
+    if shortcuts:
+        policy["policy_kwargs"] = {**dict(policy.get("policy_kwargs") or {}), **shortcuts}
+    config["policy"] = policy
+    return config
+
+
 def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Serve options for (ModelReplica, Ingress).
 
@@ -43,12 +69,20 @@ def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: in
         "max_queued_requests": max_waiting,
     }
     if settings.autoscaling_config:
-        model["autoscaling_config"] = dict(settings.autoscaling_config)
+        model["autoscaling_config"] = autoscaling_config(settings.autoscaling_config)
         model["num_replicas"] = "auto"
         max_replicas = int(settings.autoscaling_config.get("max_replicas", settings.model_replicas))
     else:
         model["num_replicas"] = settings.model_replicas
         max_replicas = settings.model_replicas
+    if settings.affinity_routing:
+        model["request_router_config"] = {
+            "request_router_class": AFFINITY_ROUTER,
+            "request_router_kwargs": {"imbalance_threshold": settings.affinity_imbalance_threshold},
+            "request_routing_stats_period_s": settings.routing_stats_period_s,
+            # A replica busy stepping the engine may answer late; stale stats are still useful.
+            "request_routing_stats_timeout_s": max(5.0, 2 * settings.routing_stats_period_s),
+        }
     # The ingress only parses and forwards: no CPU reservation, and room for every replica's requests.
     ingress = {
         "num_replicas": settings.ingress_replicas,
@@ -72,4 +106,5 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     options = {"torch_threads": torch_threads, "stream_messages_per_s": settings.stream_messages_per_s}
     model = ModelReplica.options(**model_opts).bind(replica_config, settings.model, settings.served_model_name,
                                                     options)
-    return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes)
+    return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes, settings.affinity_routing,
+                                                settings.admin_config())

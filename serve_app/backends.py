@@ -30,6 +30,10 @@ class Backend(Protocol):
         """One metrics/stats snapshot per model replica."""
         ...
 
+    async def admin(self, op: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """An adapter admin operation on every model replica (serve_app/admin.py): one result each."""
+        ...
+
 
 class LocalBackend:
     def __init__(self, core: ReplicaCore) -> None:
@@ -49,3 +53,6 @@ class LocalBackend:
 
     async def snapshots(self) -> list[dict[str, Any]]:
         return [self.core.snapshot()]
+
+    async def admin(self, op: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        return [await self.core.admin(op, payload)]

@@ -25,6 +25,8 @@ from engine import (
     SamplingParams,
     TokenInfo,
 )
+from engine.config import AdapterSpec
+from engine.errors import AdapterBusyError, AdapterLoadError, EngineDeadError, UnknownAdapterError
 from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from serve_app.errors import error_info, status_label
 from serve_app.metrics import ReplicaMetrics
@@ -75,6 +77,7 @@ class ReplicaCore:
         self.replica_id = replica_id
         self.metrics = ReplicaMetrics()
         self.started = time.time()
+        self._loads_seen = 0  # the pool's source_loads already put into metrics.adapter_load
 
     # ---- request preparation ------------------------------------------------------------------
     def resolve_adapter(self, model: str | None) -> str | None:
@@ -299,10 +302,87 @@ class ReplicaCore:
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics + engine stats of this replica, for /metrics and /admin/stats."""
-        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "engine": self.engine.stats()}
+        self._observe_adapter_loads()
+        stats = self.engine.stats()
+        pool = self.engine.pool
+        adapters = dict(stats.get("adapters") or {})
+        # Bytes of the adapters resident in device slots (the slots' own allocation is device_slot_bytes).
+        adapters["device_adapter_bytes"] = sum(
+            r.nbytes for r in (pool.records.get(o) for o in list(pool.slots.occupant) if o is not None) if r is not None
+        )
+        stats["adapters"] = adapters
+        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "engine": stats}
+
+    def _observe_adapter_loads(self) -> None:
+        """Move new load latencies from the pool into a cumulative histogram.
+
+        The pool keeps only the last 4096 latencies (a list), which cannot back a Prometheus
+        histogram (counts must never go down); `source_loads` is monotonic and counts the same loads,
+        so the entries past what we have seen are the list's last `new` ones. Read both under the
+        pool's lock, which `_read` appends under, so they agree.
+        """
+        pool = self.engine.pool
+        with getattr(pool, "_lock", contextlib.nullcontext()):
+            loads = pool.counters.source_loads
+            new = loads - self._loads_seen
+            latencies = list(pool.counters.load_seconds[-new:]) if new > 0 else []
+        self._loads_seen = loads
+        for seconds in latencies:
+            self.metrics.observe_adapter_load(seconds)
+
+    # ---- adapter admin (serve_app/admin.py) ---------------------------------------------------
+    async def admin(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """One admin operation on this replica: {"replica", "result"} or {"replica", "error": {kind, message}}.
+
+        Loads read files (or download from the Hub): they run in a worker thread so that this
+        replica's event loop keeps streaming tokens meanwhile.
+        """
+        try:
+            if op == "list":
+                result = {"adapters": self.engine.adapter_info()}
+            else:
+                result = await asyncio.to_thread(self._admin_op, op, payload)
+        except Exception as exc:
+            return {"replica": self.replica_id, "error": {"kind": _admin_kind(exc), "message": str(exc)}}
+        return {"replica": self.replica_id, "result": result}
+
+    def _admin_op(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+        engine = self.engine
+        adapter_id = str(payload["id"])
+        if op == "load":
+            source = str(payload.get("source") or adapter_id)
+            # Again here, with this replica's own roots (the ingress checked first): nothing is read
+            # unless the source is a Hub id or resolves under a configured root.
+            engine.pool.check_source(source)
+            revision = payload.get("revision")
+            spec = AdapterSpec(adapter_id, source, str(revision) if revision else None)
+            return engine.load_adapter(spec, preload=bool(payload.get("preload", True)))
+        if op == "reload":
+            return engine.reload_adapter(adapter_id)
+        if op == "unload":
+            engine.unload_adapter(adapter_id)
+            return {"id": adapter_id, "unloaded": True}
+        raise InvalidRequestError("op", f"unknown admin operation {op!r}")
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+
+def _admin_kind(exc: BaseException) -> str:
+    """The admin error kind of an engine exception (serve_app/admin.py maps kinds to statuses)."""
+    if isinstance(exc, AdapterBusyError):
+        return "busy"
+    if isinstance(exc, UnknownAdapterError):
+        return "unknown"
+    if isinstance(exc, PermissionError):
+        return "forbidden"
+    if isinstance(exc, AdapterLoadError):
+        return "adapter_load"
+    if isinstance(exc, InvalidRequestError):
+        return "validation"
+    if isinstance(exc, EngineDeadError):
+        return "unavailable"
+    return "error"
 
 
 def _final_fields(out: RequestOutput) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app import openai_api, tgi
+from serve_app.admin import AdminConfig, admin_routes
 from serve_app.backends import Backend
 from serve_app.errors import (
     ApiError,
@@ -39,7 +40,7 @@ VERSION = "0.1.0"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 KNOWN_ROUTES = {
     "/", "/generate", "/generate_stream", "/health", "/info", "/metrics", "/v1/completions",
-    "/v1/chat/completions", "/v1/models", "/admin/stats",
+    "/v1/chat/completions", "/v1/models", "/admin/stats", "/adapters",
 }
 
 
@@ -58,6 +59,8 @@ class HttpCounter:
         if root and path.startswith(root):  # mounted under a route prefix
             path = path[len(root):] or "/"
         route = path if path in KNOWN_ROUTES else "other"  # bounded label values
+        if path.startswith("/adapters/"):  # admin routes carry the adapter id: one label for them all
+            route = "/adapters/{id}"
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -367,7 +370,8 @@ def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Re
     return handler
 
 
-def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingress_id: str = "local") -> Starlette:
+def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingress_id: str = "local",
+               admin: AdminConfig | None = None) -> Starlette:
     counts: dict[tuple[str, str], int] = {}
     api = _Api(backend, max_body_bytes, counts, ingress_id)
     routes = [
@@ -381,6 +385,7 @@ def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingre
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
         Route("/admin/stats", api.admin_stats, methods=["GET"]),
+        *admin_routes(backend, admin),  # /adapters: off (403) unless admin is enabled with a token
     ]
     app = Starlette(
         routes=routes,

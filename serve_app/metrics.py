@@ -26,6 +26,8 @@ TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Adapter reads from disk take milliseconds; Hub downloads of big adapters take minutes.
+ADAPTER_LOAD_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
 
 @dataclass
@@ -65,6 +67,11 @@ class ReplicaMetrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.stream_chunks = 0  # messages sent on streaming calls ...
         self.stream_deltas = 0  # ... and the token deltas in them (their ratio shows how much was coalesced)
+        self.adapter_load = Histogram(ADAPTER_LOAD_BUCKETS)  # source -> host reads (serve_app/core.py feeds it)
+
+    def observe_adapter_load(self, seconds: float) -> None:
+        with self._lock:
+            self.adapter_load.observe(max(seconds, 0.0))
 
     def record_chunk(self, deltas: int) -> None:
         with self._lock:
@@ -107,6 +114,7 @@ class ReplicaMetrics:
                 "latency": self.latency.to_dict(),
                 "stream_chunks": self.stream_chunks,
                 "stream_deltas": self.stream_deltas,
+                "adapter_load": self.adapter_load.to_dict(),
             }
 
 
@@ -167,6 +175,26 @@ class SnapshotCollector(Collector):
         chunks = CounterMetricFamily(p + "stream_chunks", "Messages sent to the ingress on streaming requests", labels=["replica"])
         deltas = CounterMetricFamily(p + "stream_deltas", "Token deltas in those messages", labels=["replica"])
         replicas = GaugeMetricFamily(p + "model_replicas", "Model replicas that answered this scrape")
+        # Adapter tiers (engine/adapter_pool.py): source (disk/Hub) -> host cache -> device slots.
+        # A device miss that finds the adapter in host memory is a host hit and one host->device load.
+        a_hits = CounterMetricFamily(p + "adapter_cache_hits", "Adapter lookups served by a tier (device: already "
+                                     "in a slot; host: copied from the host cache)", labels=["replica", "tier"])
+        a_misses = CounterMetricFamily(p + "adapter_cache_misses", "Adapter lookups a tier could not serve",
+                                       labels=["replica", "tier"])
+        a_loads = CounterMetricFamily(p + "adapter_loads", "Adapter loads into a tier (host: read from the source; "
+                                      "device: copied into a slot)", labels=["replica", "tier"])
+        a_load_failures = CounterMetricFamily(p + "adapter_load_failures", "Adapter reads that failed",
+                                              labels=["replica"])
+        a_evictions = CounterMetricFamily(p + "adapter_evictions", "Adapters evicted from a tier (LRU)",
+                                          labels=["replica", "tier"])
+        a_load_seconds = HistogramMetricFamily(p + "adapter_load_seconds", "Time to read an adapter from its source "
+                                               "into the host cache", labels=["replica"])
+        a_bytes = GaugeMetricFamily(p + "adapter_bytes", "Bytes of adapter weights resident in a tier",
+                                    labels=["replica", "tier"])
+        a_capacity = GaugeMetricFamily(p + "adapter_capacity_bytes", "Bytes a tier may hold (host: the LRU budget; "
+                                       "device: the slots' allocation)", labels=["replica", "tier"])
+        a_count = GaugeMetricFamily(p + "adapters", "Adapters by state (registered, host, device, loading)",
+                                    labels=["replica", "state"])
         http = CounterMetricFamily(p + "http_requests", "HTTP responses of the ingress replica that answered this scrape",
                                    labels=["ingress", "route", "code"])
 
@@ -201,13 +229,31 @@ class SnapshotCollector(Collector):
             preemptions.add_metric([r], e.get("preemptions", 0))
             chunks.add_metric([r], m.get("stream_chunks", 0))
             deltas.add_metric([r], m.get("stream_deltas", 0))
+            pool = e.get("adapters") or {}
+            for tier in ("device", "host"):
+                a_hits.add_metric([r, tier], pool.get(f"{tier}_hits", 0))
+                a_misses.add_metric([r, tier], pool.get(f"{tier}_misses", 0))
+                a_evictions.add_metric([r, tier], pool.get(f"{tier}_evictions", 0))
+            a_loads.add_metric([r, "host"], pool.get("source_loads", 0))
+            a_loads.add_metric([r, "device"], pool.get("device_misses", 0))
+            a_load_failures.add_metric([r], pool.get("load_failures", 0))
+            a_bytes.add_metric([r, "host"], pool.get("host_bytes", 0))
+            a_bytes.add_metric([r, "device"], pool.get("device_adapter_bytes", 0))
+            a_capacity.add_metric([r, "host"], pool.get("host_cache_bytes", 0))
+            a_capacity.add_metric([r, "device"], pool.get("device_slot_bytes", 0))
+            for state in ("registered", "host", "device", "loading"):
+                a_count.add_metric([r, state], pool.get(f"adapters_{state}", 0))
+            load_hist = m.get("adapter_load")
+            if load_hist:
+                a_load_seconds.add_metric([r], _histogram_buckets(load_hist), load_hist["sum"])
         replicas.add_metric([], len(self.snapshots))
         for (route, code), n in sorted(self.http_counts.items()):
             http.add_metric([self.ingress_id, route, code], n)
         yield from (
             requests, gen_tokens, prompt_tokens, ttft, tpot, latency, batch, queue, running_by_adapter, running,
             last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, chunks, deltas,
-            replicas, http,
+            replicas, http, a_hits, a_misses, a_loads, a_load_failures, a_evictions, a_load_seconds, a_bytes,
+            a_capacity, a_count,
         )
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from engine.config import DTYPES, AdapterSpec, EngineConfig
+from serve_app.admin import AdminConfig, resolve_admin_token
 
 # Engine knobs that can be set from the app args, with the engine's own defaults.
 ENGINE_KEYS: tuple[str, ...] = (
@@ -31,6 +32,11 @@ ENGINE_KEYS: tuple[str, ...] = (
     "lora_backend",
     "seed",
     "hub_cache_dir",
+    # dynamic adapters and the adapter tiers (engine/adapter_pool.py; issue 5)
+    "allow_dynamic_adapters",
+    "adapter_source_roots",
+    "host_cache_bytes",
+    "preload_adapters",
 )
 
 # TGI's launcher names for the same knobs (so a TGI user's config or flags carry over).
@@ -91,9 +97,20 @@ class AppSettings:
     torch_threads: int | None = None  # None: the replica's CPU count (what Ray gives it)
     stream_messages_per_s: float = 50.0  # streaming chunk budget per replica (serve_app/core.py); 0 = per token
     max_ongoing_requests: int | None = None  # None: derived from the engine's queue bounds
+    # Serve autoscaling_config for ModelReplica (min/max_replicas, upscale/downscale_delay_s, ...).
+    # Without a `policy` it gets serve_app.autoscaling:AggregateLoadPolicy; `target_load_per_replica`
+    # etc. at its top level are moved into the policy's kwargs (see serve_app/app.py).
     autoscaling_config: dict[str, Any] | None = None
+    # Adapter-affinity routing (serve_app/router.py); False: Serve's default power-of-two router.
+    affinity_routing: bool = True
+    affinity_imbalance_threshold: float = 8.0  # requests a holder may be busier than the least loaded
+    routing_stats_period_s: float = 1.0  # how often replicas advertise resident adapters + load
     route_prefix: str = "/"  # where `python -m serve_app` mounts the app (config.yaml: the app's route_prefix)
     max_body_bytes: int = 4 * 1024 * 1024
+    # Adapter admin API (serve_app/admin.py): off by default; on, it needs a bearer token, from
+    # `admin_token` or LORASERVE_ADMIN_TOKEN (resolved in from_args: enabled without one fails the deploy).
+    admin_enabled: bool = False
+    admin_token: str | None = field(default=None, repr=False)
 
     @property
     def device(self) -> str:
@@ -122,6 +139,14 @@ class AppSettings:
         engine = {k: raw.pop(k) for k in ENGINE_KEYS if k in raw and raw[k] is not None}
         if "dtype" in engine and engine["dtype"] not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {engine['dtype']!r}")
+        if "adapter_source_roots" in engine:  # YAML list or "a,b"; the engine config wants a tuple
+            roots = engine["adapter_source_roots"]
+            engine["adapter_source_roots"] = tuple(
+                str(r).strip() for r in (roots.split(",") if isinstance(roots, str) else roots) if str(r).strip()
+            )
+        if "admin_enabled" in raw and not isinstance(raw["admin_enabled"], bool):
+            raise ValueError(f"admin_enabled must be true or false, got {raw['admin_enabled']!r}")
+        raw["admin_token"] = resolve_admin_token(bool(raw.get("admin_enabled")), raw.get("admin_token"), env)
         adapters_value = raw.pop("adapters", None)
         if adapters_value in (None, "", []) and env.get("LORA_ADAPTERS"):
             adapters_value = env["LORA_ADAPTERS"]
@@ -138,9 +163,15 @@ class AppSettings:
     def engine_config(self, model_path: str, adapters: tuple[AdapterSpec, ...]) -> EngineConfig:
         return EngineConfig(model=model_path, adapters=adapters, **self.engine)
 
+    def admin_config(self) -> AdminConfig:
+        """What the ingress needs to guard /adapters (the roots are the engine's, so both check alike)."""
+        return AdminConfig(self.admin_enabled, self.admin_token, tuple(self.engine.get("adapter_source_roots", ())))
+
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["adapters"] = [asdict(a) for a in self.adapters]
+        if out.get("admin_token"):
+            out["admin_token"] = "***"  # printed by the launcher and logs: never the secret
         return out
 
 
@@ -154,4 +185,5 @@ def engine_config_to_dict(config: EngineConfig) -> dict[str, Any]:
 def engine_config_from_dict(data: Mapping[str, Any]) -> EngineConfig:
     data = dict(data)
     data["adapters"] = tuple(AdapterSpec(**a) for a in data.get("adapters", ()))
+    data["adapter_source_roots"] = tuple(data.get("adapter_source_roots", ()))
     return EngineConfig(**data)

@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = [a[0] for a in DEMO_ADAPTERS]
 PROMPT = "The quick brown fox"
 STARTUP_TIMEOUT_S = 300.0
+ADMIN_TOKEN = "e2e-admin-token"
 
 
 @dataclass
@@ -139,6 +140,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     port = _free_port()
     config["http_options"]["port"] = port
     assert config["http_options"]["host"] == "127.0.0.1"
+    app_args = dict(config["applications"][0]["args"])  # what the reference engine is built from
+    # The adapter admin API (off in config.yaml), on with the token from the environment, as an
+    # operator would switch it on; sources limited to the demo's adapter directory.
+    config["applications"][0]["args"].update(admin_enabled=True, adapter_source_roots=[str(demo_dir / "adapters")])
     config_path = tmp / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     # A short private Ray temp dir: isolates this instance (sockets, logs) from any other Ray on the
@@ -146,6 +151,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LORA_ADAPTERS")}
     env.update(LORASERVE_CACHE_DIR=str(cache), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1",
+               LORASERVE_ADMIN_TOKEN=ADMIN_TOKEN,
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
     log = tmp / "serve.log"
     with open(log, "wb") as out:
@@ -163,7 +169,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             if time.monotonic() > deadline:
                 pytest.fail(f"no healthy /health after {STARTUP_TIMEOUT_S}s:\n{_log_tail(log)}")
             time.sleep(0.5)
-        yield Server(url, proc, log, config["applications"][0]["args"], demo_dir)
+        yield Server(url, proc, log, app_args, demo_dir)
     finally:
         leftovers = _stop(proc, ray_tmp)
         assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
@@ -374,6 +380,28 @@ def _wait_kv_free(url: str, timeout: float = 20.0) -> dict[str, Any]:
         if time.monotonic() > deadline:
             pytest.fail(f"KV blocks not freed after the client left: {stats}")
         time.sleep(0.1)
+
+
+def test_admin_api_through_serve(server: Server, ref_engine: Engine) -> None:
+    """The admin routes through the real ingress: the guard, and load/unload broadcast to every replica."""
+    auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    source = str(server.demo_dir / "adapters" / "qv-r4")
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        assert http.get("/adapters").status_code == 401
+        assert http.post("/adapters", json={"id": "x", "source": "/etc"}, headers=auth).status_code == 403
+        r = http.post("/adapters", json={"id": "qv-again", "source": source}, headers=auth)
+        assert r.status_code == 200, r.text
+        listing = http.get("/adapters", headers=auth).json()
+        assert listing["errors"] == [] and len(listing["replicas"]) >= 1
+        loaded = [a for a in listing["adapters"] if a["id"] == "qv-again"]
+        assert {a["replica"] for a in loaded} == set(listing["replicas"])  # every replica has it
+        body = {"inputs": PROMPT, "parameters": {"adapter_id": "qv-again", "max_new_tokens": 8}}
+        r = http.post("/generate", json=body)
+        assert r.status_code == 200 and r.json()["generated_text"] == complete(ref_engine, PROMPT, "qv-r4", 8).generated_text
+        r = http.delete("/adapters/qv-again", headers=auth)
+        assert r.status_code == 200, r.text
+        assert "qv-again" not in {a["id"] for a in http.get("/adapters", headers=auth).json()["adapters"]}
+        assert "loraserve_adapter_load_seconds_count" in http.get("/metrics").text
 
 
 def test_disconnect_mid_stream_frees_kv(server: Server) -> None:

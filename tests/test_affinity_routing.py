@@ -1,0 +1,96 @@
+"""Adapter-affinity routing: the pure ranking function of serve_app/router.py, without Ray running.
+
+The end-to-end check (2 replicas, >= 90% of a resident adapter's requests on its holder, measured
+from the replicas' own counters) is in tests/test_autoscaling_e2e.py, which shares one Serve
+instance with the autoscaling tests.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from serve_app.router import STATS_ADAPTERS, STATS_LOAD, ReplicaView, rank_replicas, replica_view
+
+
+def views(*specs: tuple[str, float, set[str]]) -> list[ReplicaView]:
+    return [ReplicaView(rid, load, frozenset(adapters)) for rid, load, adapters in specs]
+
+
+def test_holder_wins_when_load_is_close() -> None:
+    replicas = views(("a", 3, {"x"}), ("b", 0, {"y"}), ("c", 5, set()))
+    assert rank_replicas("x", replicas, imbalance_threshold=4) == [["a"], ["b", "c"]]
+    assert rank_replicas("y", replicas, imbalance_threshold=4) == [["b"], ["a", "c"]]
+
+
+def test_least_loaded_holder_among_several() -> None:
+    replicas = views(("a", 6, {"x"}), ("b", 2, {"x"}), ("c", 1, set()))
+    assert rank_replicas("x", replicas, imbalance_threshold=4)[0] == ["b"]
+
+
+def test_imbalance_beats_affinity() -> None:
+    # The holder has 10 more requests than an idle replica: load wins (power of two over all).
+    replicas = views(("a", 10, {"x"}), ("b", 0, set()))
+    ranks = rank_replicas("x", replicas, imbalance_threshold=8)
+    assert ranks == [["a", "b"]]  # one rank with both: Serve takes the shorter queue (b)
+    # Exactly at the threshold affinity still holds.
+    assert rank_replicas("x", views(("a", 8, {"x"}), ("b", 0, set())), imbalance_threshold=8)[0] == ["a"]
+
+
+@pytest.mark.parametrize("adapter", [None, "", "unknown"])
+def test_no_adapter_or_unknown_is_power_of_two(adapter: str | None) -> None:
+    replicas = views(("a", 0, {"x"}), ("b", 0, set()), ("c", 0, set()), ("d", 0, set()))
+    rng = random.Random(0)
+    firsts: Counter[str] = Counter()
+    for _ in range(400):
+        ranks = rank_replicas(adapter, replicas, rng=rng)
+        assert len(ranks[0]) == 2 and len(set(ranks[0])) == 2
+        assert sorted(ranks[0] + ranks[1]) == ["a", "b", "c", "d"]  # the rest is the fallback rank
+        firsts.update(ranks[0])
+    assert all(firsts[r] > 120 for r in "abcd"), firsts  # every replica is sampled (uniformly ~200)
+
+
+def test_edge_cases() -> None:
+    assert rank_replicas("x", []) == []
+    assert rank_replicas("x", views(("a", 100, {"x"}))) == [["a"]]
+    assert rank_replicas(None, views(("a", 1, set()))) == [["a"]]
+
+
+def test_replica_view_prefers_fresh_queue_length() -> None:
+    stats = {STATS_ADAPTERS: ["x", "y"], STATS_LOAD: 7.0}
+    assert replica_view("r", stats, 2) == ReplicaView("r", 2.0, frozenset({"x", "y"}))
+    assert replica_view("r", stats, None).load == 7.0  # no queue-length info yet: the engine's load
+    assert replica_view("r", None, None) == ReplicaView("r", 0.0, frozenset())  # no stats reported yet
+
+
+def test_config_yaml_wires_router_and_policy() -> None:
+    """config.yaml's args give ModelReplica the affinity router and the aggregate-load policy, in
+    shapes Ray Serve's own config models accept; top-level policy knobs are shorthand for kwargs."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.config import AutoscalingConfig, RequestRouterConfig
+
+    from serve_app.app import AFFINITY_ROUTER, AGGREGATE_POLICY, autoscaling_config, deployment_options
+    from serve_app.settings import AppSettings
+
+    args = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())["applications"][0]["args"]
+    settings = AppSettings.from_args(args, env={})
+    model, _ = deployment_options(settings, 64, 1024)
+    assert model["num_replicas"] == "auto" and model["ray_actor_options"]["num_cpus"] == 0.5
+    auto = AutoscalingConfig(**model["autoscaling_config"])
+    assert (auto.min_replicas, auto.max_replicas) == (1, 2)
+    assert auto.policy.policy_function == AGGREGATE_POLICY
+    assert auto.policy.policy_kwargs["target_load_per_replica"] == 8
+    router = RequestRouterConfig(**model["request_router_config"])
+    assert router.request_router_class == AFFINITY_ROUTER
+    assert router.request_router_kwargs == {"imbalance_threshold": 8}
+
+    short = autoscaling_config({"min_replicas": 1, "max_replicas": 3, "target_load_per_replica": 4})
+    assert short["policy"] == {"policy_function": AGGREGATE_POLICY, "policy_kwargs": {"target_load_per_replica": 4}}
+    with pytest.raises(ValueError, match="configure"):
+        autoscaling_config({"policy": {"policy_function": "x:y"}, "target_load_per_replica": 4})
+    off = AppSettings.from_args({"affinity_routing": False}, env={})
+    assert "request_router_config" not in deployment_options(off, 8, 32)[0]

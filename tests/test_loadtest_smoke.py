@@ -1,0 +1,72 @@
+"""The load-test report (loadtests/run_loadtest.py) from a synthetic event log: phases, percentiles,
+errors and replica counts land in summary.json / summary.md / report.html and the PNGs, with the
+numbers the events imply. The real ~30-second burst run against Ray Serve is
+tests/test_autoscaling_e2e.py::test_loadtest_smoke (it shares that module's Serve instance).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtests.run_loadtest import Run, load_events, percentile, write_report
+from loadtests.scenarios.phases import burst_phases
+
+
+def test_percentile() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0], 95) == 3.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile(list(map(float, range(101))), 95) == pytest.approx(95.0)
+
+
+def test_burst_phases_cover_the_run() -> None:
+    phases = burst_phases(60)
+    assert [p[0] for p in phases] == ["before", "during", "after"]
+    assert phases[0][1] == 0 and phases[-1][2] == 60
+    assert all(a[2] == b[1] for a, b in itertools.pairwise(phases))
+
+
+def _synthetic(path: Path, start: float) -> None:
+    """20 s: 1 req/s before (ttft 0.1), 10 req/s during 6-13 s (ttft 0.5, some 429s), 1 req/s after."""
+    lines = [{"event": "start", "t": start}]
+    for i in range(200):
+        rel = i * 0.1
+        during = 6.0 <= rel < 13.0
+        if not during and i % 10:
+            continue  # 1 req/s outside the burst
+        error = "429" if during and i % 7 == 0 else None
+        lines.append({"event": "request", "t": start + rel, "kind": "generate_stream", "adapter": f"a{i % 3}",
+                      "status": 429 if error else 200, "error": error, "latency_s": 2.0 if during else 0.4,
+                      "ttft_s": None if error else (0.5 if during else 0.1), "tokens": 0 if error else 8})
+    lines.append({"event": "stop", "t": start + 20.0})
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_report_from_synthetic_events(tmp_path: Path) -> None:
+    events = tmp_path / "events.jsonl"
+    _synthetic(events, start=1000.0)
+    run = load_events(events, duration=20.0)
+    run.replicas = [(float(t), 2 if 8 <= t < 15 else 1, 0.0) for t in range(20)]
+    summary = write_report(Run(run.start, run.duration, run.requests, run.replicas), "burst", tmp_path)
+
+    phases = {p["phase"]: p for p in summary["phases"]}
+    assert phases["before"]["requests"] == 6  # t = 0..5 s
+    assert phases["during"]["requests"] == 70 and phases["during"]["errors"] == {"429": 10}
+    assert phases["before"]["ttft_p50_s"] == pytest.approx(0.1)
+    assert phases["during"]["ttft_p95_s"] == pytest.approx(0.5)
+    assert phases["during"]["throughput_rps"] == pytest.approx(60 / 7.0, rel=1e-3)
+    assert phases["during"]["replicas_max"] == 2 and phases["before"]["replicas_max"] == 1
+    assert summary["replicas"] == {"min": 1, "max": 2, "samples": 20, "first_at_max_s": 8.0}
+    assert set(summary["adapters"]) == {"a0", "a1", "a2"}
+
+    md = (tmp_path / "summary.md").read_text()
+    assert "| during | 6–13 | 70 |" in md and "429: 10" in md
+    html = (tmp_path / "report.html").read_text()
+    assert "<h2>Summary</h2>" in html and "replicas.png" in html
+    for name in ("requests_per_s.png", "latency.png", "ttft.png", "errors.png", "replicas.png",
+                 "adapter_latency.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
