@@ -28,6 +28,7 @@ This module never imports ray, and imports transformers only when it has to conv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -36,7 +37,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +229,34 @@ def convert_gguf(
         return out_dir
     check_gguf_file(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+        # Several processes (e.g. Serve replicas starting together) may ask at once: one converts, the
+        # others wait here and then find the finished directory.
+        if not force and is_complete(out_dir, gguf_path):
+            return out_dir
+        return _convert_locked(gguf_path, out_dir, force, converter, say)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory inter-process lock (flock); a no-op where fcntl does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: rely on the atomic rename alone
+        yield
+        return
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_locked(
+    gguf_path: Path, out_dir: Path, force: bool, converter: Callable[[Path, Path], None] | None,
+    say: Callable[[str], None],
+) -> Path:
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     started = time.monotonic()
     say(f"converting {gguf_path} -> {out_dir} (dequantizing to float32; about a minute on 2 cores)")
