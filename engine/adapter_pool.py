@@ -253,8 +253,10 @@ class AdapterPool:
             return
         failure = self._failed.get(adapter_id)
         if failure is not None and time.monotonic() - failure[0] < self.failure_ttl_s:
-            # Failed moments ago: the engine is about to fail the waiting requests with that
-            # error; reading the source again now would be the retry loop we promise not to do.
+            # Failed moments ago: hand the same error to the engine again for requests that were
+            # queued after it failed the first batch; reading the source again now would be the
+            # retry loop we promise not to do.
+            self._new_failures.append((adapter_id, failure[1]))
             return
         # Counted per load, not per retry: the scheduler asks again every step while it waits.
         self.counters.host_misses += 1
