@@ -92,8 +92,12 @@ class PeftOracle:
     def greedy(self, prompt: str, adapter: str | None, max_new_tokens: int) -> list[int]:
         key = (adapter, prompt, max_new_tokens)
         if key not in self._cache:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids
-            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
+            enc = self.tokenizer(prompt, return_tensors="pt")
+            ids = enc.input_ids
+            # An explicit mask: without it transformers masks every pad-token id in the prompt, and
+            # some tokenizers (SmolLM2: <|im_end|>) use a token that real prompts contain as pad.
+            kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id,
+                          attention_mask=enc.attention_mask)
             if adapter is None:
                 with self.model.disable_adapter():
                     out = self.model.generate(input_ids=ids, **kwargs)
