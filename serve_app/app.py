@@ -78,7 +78,11 @@ def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: in
     if settings.affinity_routing:
         model["request_router_config"] = {
             "request_router_class": AFFINITY_ROUTER,
-            "request_router_kwargs": {"imbalance_threshold": settings.affinity_imbalance_threshold},
+            "request_router_kwargs": {
+                "imbalance_threshold": settings.affinity_imbalance_threshold,
+                # Remember own routing decisions until the replicas' advertisements have caught up.
+                "recent_route_ttl_s": max(5.0, 3 * settings.routing_stats_period_s),
+            },
             "request_routing_stats_period_s": settings.routing_stats_period_s,
             # A replica busy stepping the engine may answer late; stale stats are still useful.
             "request_routing_stats_timeout_s": max(5.0, 2 * settings.routing_stats_period_s),

@@ -12,7 +12,15 @@ from collections import Counter
 
 import pytest
 
-from serve_app.router import STATS_ADAPTERS, STATS_LOAD, ReplicaView, rank_replicas, replica_view
+from serve_app.router import (
+    STATS_ADAPTERS,
+    STATS_LOAD,
+    RecentRoutes,
+    ReplicaView,
+    rank_replicas,
+    replica_view,
+    with_recent_routes,
+)
 
 
 def views(*specs: tuple[str, float, set[str]]) -> list[ReplicaView]:
@@ -65,6 +73,54 @@ def test_replica_view_prefers_fresh_queue_length() -> None:
     assert replica_view("r", None, None) == ReplicaView("r", 0.0, frozenset())  # no stats reported yet
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_recent_routes_expire_after_ttl() -> None:
+    clock = FakeClock()
+    recent = RecentRoutes(ttl_s=5, clock=clock)
+    recent.record("x", "a")
+    clock.now += 3
+    recent.record("x", "b")
+    assert recent.replicas_for("x") == {"a", "b"}
+    assert recent.replicas_for("y") == frozenset()
+    clock.now += 2.5  # a is 5.5 s old, b 2.5 s
+    assert recent.replicas_for("x") == {"b"}
+    clock.now += 3
+    assert recent.replicas_for("x") == frozenset() and len(recent) == 0  # expired entries are dropped
+
+
+def test_recent_routes_are_bounded_and_forget_dead_replicas() -> None:
+    clock = FakeClock()
+    recent = RecentRoutes(ttl_s=60, max_adapters=3, clock=clock)
+    for i in range(5):
+        recent.record(f"ad{i}", "a")
+    recent.record("ad2", "b")  # routed again: now the most recent, so ad3 goes next
+    assert len(recent) == 3
+    assert recent.replicas_for("ad0") == frozenset() and recent.replicas_for("ad1") == frozenset()
+    recent.record("ad5", "a")
+    assert recent.replicas_for("ad3") == frozenset()
+    assert recent.replicas_for("ad2") == {"a", "b"}
+    recent.forget_replica("a")
+    assert recent.replicas_for("ad2") == {"b"} and recent.replicas_for("ad4") == frozenset()
+    with pytest.raises(ValueError):
+        RecentRoutes(ttl_s=-1)
+
+
+def test_recently_routed_replica_counts_as_holder_before_it_advertises() -> None:
+    # Neither replica has advertised x yet, but this router sent x to b a moment ago: b is the holder.
+    replicas = views(("a", 0, set()), ("b", 1, {"y"}))
+    merged = with_recent_routes(replicas, "x", frozenset({"b"}))
+    assert merged[1].adapters == {"x", "y"} and merged[0] == replicas[0]
+    assert rank_replicas("x", merged, imbalance_threshold=8) == [["b"], ["a"]]
+    assert with_recent_routes(replicas, None, frozenset({"b"})) == replicas
+
+
 def test_config_yaml_wires_router_and_policy() -> None:
     """config.yaml's args give ModelReplica the affinity router and the aggregate-load policy, in
     shapes Ray Serve's own config models accept; top-level policy knobs are shorthand for kwargs."""
@@ -86,7 +142,7 @@ def test_config_yaml_wires_router_and_policy() -> None:
     assert auto.policy.policy_kwargs["target_load_per_replica"] == 8
     router = RequestRouterConfig(**model["request_router_config"])
     assert router.request_router_class == AFFINITY_ROUTER
-    assert router.request_router_kwargs == {"imbalance_threshold": 8}
+    assert router.request_router_kwargs == {"imbalance_threshold": 8, "recent_route_ttl_s": 5.0}
 
     short = autoscaling_config({"min_replicas": 1, "max_replicas": 3, "target_load_per_replica": 4})
     assert short["policy"] == {"policy_function": AGGREGATE_POLICY, "policy_kwargs": {"target_load_per_replica": 4}}

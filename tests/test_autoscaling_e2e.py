@@ -274,11 +274,6 @@ def _replica_counts(url: str) -> tuple[dict[str, set[str]], dict[tuple[str, str]
     return device, counts
 
 
-@pytest.mark.xfail(
-    reason="issue 7 bar 3 not met at the end of the 2026-11-26 session: 70-83% of requests reached the "
-    "holder (bar 90%) in the last runs, 100% in an earlier one; cause not found yet (see closing note)",
-    strict=False,
-)
 def test_affinity_routing_keeps_adapters_on_their_replica(serve_instance: ServeInstance) -> None:
     # A changed engine arg (seed) makes both replicas new: no adapter is resident anywhere yet.
     serve_instance.deploy(model_replicas=2, affinity_routing=True, affinity_imbalance_threshold=8, seed=7)
