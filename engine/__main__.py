@@ -18,7 +18,9 @@ from engine import AdapterSpec, Engine, EngineConfig, SamplingParams
 
 
 def demo_dir() -> Path:
-    root = Path(os.environ.get("LORASERVE_CACHE", Path.home() / ".cache" / "loraserve")) / "engine-demo"
+    from engine.gguf_convert import cache_root
+
+    root = cache_root() / "engine-demo"
     if not (root / "base" / "config.json").exists():
         from engine.synthetic import build_adapter, build_model
 

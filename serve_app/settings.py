@@ -88,6 +88,9 @@ class AppSettings:
     model: str = "demo"
     served_model_name: str | None = None
     adapters: tuple[AdapterSpec, ...] = ()
+    # LORA_ADAPTERS fills in an empty `adapters`; false for an application on another base model
+    # (config.yaml's zoo), which must not try to load adapters meant for the default one.
+    adapters_from_env: bool = True
     engine: dict[str, Any] = field(default_factory=dict)
     # deployment shape
     model_replicas: int = 1
@@ -148,7 +151,9 @@ class AppSettings:
             raise ValueError(f"admin_enabled must be true or false, got {raw['admin_enabled']!r}")
         raw["admin_token"] = resolve_admin_token(bool(raw.get("admin_enabled")), raw.get("admin_token"), env)
         adapters_value = raw.pop("adapters", None)
-        if adapters_value in (None, "", []) and env.get("LORA_ADAPTERS"):
+        if "adapters_from_env" in raw and not isinstance(raw["adapters_from_env"], bool):
+            raise ValueError(f"adapters_from_env must be true or false, got {raw['adapters_from_env']!r}")
+        if adapters_value in (None, "", []) and env.get("LORA_ADAPTERS") and raw.get("adapters_from_env", True):
             adapters_value = env["LORA_ADAPTERS"]
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
         kwargs["model"] = str(kwargs.get("model", "demo"))

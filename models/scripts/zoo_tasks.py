@@ -79,10 +79,13 @@ def _words(rng: random.Random) -> str:
     return _text(rng, (2, 3), (2, 4))
 
 
-def _repeats(rng: random.Random) -> str:
-    """A lowercase word drawn from few letters, so that letters repeat (dedupe has work to do)."""
-    pool = rng.sample(string.ascii_lowercase, rng.randint(2, 5))
-    return "".join(rng.choice(pool) for _ in range(rng.randint(4, 8)))
+def _runs(rng: random.Random) -> str:
+    """A lowercase word made of runs of one letter (`aaxbbbq`), so that dedupe has runs to collapse."""
+    out: list[str] = []
+    while sum(map(len, out)) < rng.randint(4, 8):
+        letter = rng.choice([c for c in string.ascii_lowercase if not out or c != out[-1][0]])
+        out.append(letter * rng.choice((1, 1, 2, 3)))
+    return "".join(out)[:MAX_INPUT_CHARS]
 
 
 def _caesar(text: str, shift: int) -> str:
@@ -115,13 +118,8 @@ def _swap_pairs(text: str) -> str:
 
 
 def _dedupe(text: str) -> str:
-    seen: set[str] = set()
-    out = []
-    for c in text:
-        if c not in seen:
-            seen.add(c)
-            out.append(c)
-    return "".join(out)
+    """Collapse each run of one repeated character to a single one, as `uniq` does with lines."""
+    return "".join(c for i, c in enumerate(text) if i == 0 or c != text[i - 1])
 
 
 def _alternating(text: str) -> str:
@@ -175,7 +173,7 @@ TASKS: tuple[ZooTask, ...] = (
     ZooTask("consonants-only", "keep only the consonants (no vowels, no spaces)",
             lambda s: "".join(c for c in s if c not in VOWELS and c != " "), _mixed),
     ZooTask("remove-spaces", "delete the spaces", lambda s: s.replace(" ", ""), _words),
-    ZooTask("dedupe", "keep only the first occurrence of each character", _dedupe, _repeats),
+    ZooTask("dedupe", "collapse runs of a repeated character to one (like uniq)", _dedupe, _runs),
     ZooTask("first-letter-each-word", "the first letter of each word",
             lambda s: "".join(w[0] for w in s.split(" ")), _words),
     ZooTask("last-letter-each-word", "the last letter of each word",
