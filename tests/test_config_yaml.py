@@ -10,14 +10,12 @@ answer their tasks exactly, several adapters of both applications in flight at o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -28,7 +26,7 @@ import yaml
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from tests.test_serve_e2e import REPO, _free_port, _log_tail, _serve_executable, _stop
+from tests.test_serve_e2e import REPO, _free_port, _serve_executable, _stop, _wait_healthy
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -71,16 +69,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                 stdout=out, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve run exited with {proc.returncode}:\n{_log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if all(httpx.get(f"{base}{p}/health", timeout=5).status_code == 200 for p in ("", "/zoo")):
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"both apps not healthy after {STARTUP_TIMEOUT_S}s:\n{_log_tail(log)}")
-            time.sleep(1.0)
+        _wait_healthy(proc, log, [f"{base}/health", f"{base}/zoo/health"], STARTUP_TIMEOUT_S)
         yield base
     finally:
         leftovers = _stop(proc, ray_tmp)

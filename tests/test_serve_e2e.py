@@ -75,6 +75,20 @@ def _log_tail(log: Path, n: int = 60) -> str:
     return ""
 
 
+def _wait_healthy(proc: subprocess.Popen[bytes], log: Path, urls: list[str], timeout_s: float) -> None:
+    """Until every `urls` answers GET 200; fails the test (with the log's tail) if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{_log_tail(log)}")
+        with contextlib.suppress(httpx.HTTPError):
+            if all(httpx.get(u, timeout=5).status_code == 200 for u in urls):
+                return
+        if time.monotonic() > deadline:
+            pytest.fail(f"{urls} not healthy after {timeout_s}s:\n{_log_tail(log)}")
+        time.sleep(0.5)
+
+
 def _proc_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, state, command line), read from /proc (Linux; no psutil needed)."""
     table: dict[int, tuple[int, str, str]] = {}
@@ -163,16 +177,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve run exited with {proc.returncode}:\n{_log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"no healthy /health after {STARTUP_TIMEOUT_S}s:\n{_log_tail(log)}")
-            time.sleep(0.5)
+        _wait_healthy(proc, log, [f"{url}/health"], STARTUP_TIMEOUT_S)
         yield Server(url, proc, log, app_args, demo_dir)
     finally:
         leftovers = _stop(proc, ray_tmp)

@@ -6,21 +6,19 @@ one local Ray instance runs at a time on a 2-core machine.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve_app.demo import build_demo
-from tests.test_serve_e2e import PROMPT, REPO, _free_port, _log_tail, _stop
+from tests.test_serve_e2e import PROMPT, REPO, _free_port, _stop, _wait_healthy
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -42,16 +40,7 @@ def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"launcher exited with {proc.returncode}:\n{_log_tail(log)}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"launcher not healthy after 300s:\n{_log_tail(log)}")
-            time.sleep(0.5)
+        _wait_healthy(proc, log, [f"{url}/health"], 300)
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["max_total_tokens"] == 256 and info["max_batch_size"] == 8
         assert "extra" in {a["id"] for a in info["adapters"]} and len(info["adapters"]) == 9

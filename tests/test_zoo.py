@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # LORASERVE_ZOO_DIR: check a freshly trained zoo (train_zoo.py --out DIR) before it replaces models/zoo.
 ZOO = Path(os.environ.get("LORASERVE_ZOO_DIR", REPO / "models" / "zoo"))
 sys.path.insert(0, str(REPO / "models" / "scripts"))
+from eval_zoo import peft_greedy  # noqa: E402
 from zoo_tasks import MAX_ANSWER_CHARS, TASKS, ZooTask, held_out, prompt  # noqa: E402
 
 PER_ADAPTER = 10
@@ -137,22 +138,6 @@ def test_all_adapters_in_one_mixed_batch(zoo_engine: Engine) -> None:
     zoo_engine.check_idle_invariants()
 
 
-@torch.no_grad()
-def _peft_greedy(model: torch.nn.Module, ids: list[int], eos: int) -> tuple[int, ...]:
-    out: list[int] = []
-    past = None
-    step = torch.tensor([ids])
-    for _ in range(MAX_NEW_TOKENS):
-        res = model(input_ids=step, past_key_values=past, use_cache=True)
-        past = res.past_key_values
-        token = int(res.logits[0, -1].argmax())
-        out.append(token)
-        if token == eos:
-            break
-        step = torch.tensor([[token]])
-    return tuple(out)
-
-
 def test_engine_matches_peft_on_mixed_adapters(zoo_engine: Engine) -> None:
     """Greedy float32: engine tokens == transformers + PEFT tokens (batch size 1) on adapters of varied shape."""
     from peft import PeftModel
@@ -179,8 +164,8 @@ def test_engine_matches_peft_on_mixed_adapters(zoo_engine: Engine) -> None:
         ids = tok(prompt(x)).input_ids
         if adapter is None:
             with model.disable_adapter():
-                want = _peft_greedy(model, ids, tok.eos_token_id)
+                want = tuple(peft_greedy(model, ids, tok.eos_token_id, MAX_NEW_TOKENS))
         else:
             model.set_adapter(adapter)
-            want = _peft_greedy(model, ids, tok.eos_token_id)
+            want = tuple(peft_greedy(model, ids, tok.eos_token_id, MAX_NEW_TOKENS))
         assert got == want, (adapter, x, tok.decode(got), tok.decode(want))
