@@ -12,10 +12,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import os
-import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -26,7 +23,7 @@ import yaml
 from huggingface_hub import InferenceClient
 from openai import OpenAI
 
-from tests.test_serve_e2e import REPO, _free_port, _serve_executable, _stop, _wait_healthy
+from tests.test_serve_e2e import REPO, _serve_run
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -54,26 +51,9 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("config-yaml")
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     assert [a["route_prefix"] for a in config["applications"]] == ["/", "/zoo"]
-    port = _free_port()
-    config["http_options"]["port"] = port
-    config_path = tmp / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lcfg", dir="/tmp"))
     # The user's cache (not a temporary one): the SmolLM2 conversion is reused, as it is for a user.
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LORA_ADAPTERS")}
-    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*_serve_executable(), "run", str(config_path)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, log, [f"{base}/health", f"{base}/zoo/health"], STARTUP_TIMEOUT_S)
-        yield base
-    finally:
-        leftovers = _stop(proc, ray_tmp)
-        assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
+    with _serve_run(config, tmp, {}, ["/health", "/zoo/health"], STARTUP_TIMEOUT_S) as (url, _, _):
+        yield url
 
 
 def test_both_applications_list_their_adapters(url: str) -> None:

@@ -26,6 +26,7 @@ from serve_app.core import ReplicaCore
 from serve_app.demo import build_demo, demo_adapter_specs
 from serve_app.http_app import create_app
 from serve_app.settings import AppSettings, engine_config_from_dict, engine_config_to_dict
+from tests.test_serve_http import wait_idle
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -84,18 +85,6 @@ class Http:
 @pytest.fixture(scope="module")
 def http(core: ReplicaCore, roots: dict[str, Path]) -> Http:
     return Http(core, AdminConfig(enabled=True, token=TOKEN, source_roots=(str(roots["allowed"]),)))
-
-
-def wait_idle(core: ReplicaCore, timeout: float = 10.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = core.engine.stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0:
-            break
-        time.sleep(0.02)
-    core.engine.check_idle_invariants()
 
 
 # ---- the guard -----------------------------------------------------------------------------------

@@ -89,6 +89,37 @@ def _wait_healthy(proc: subprocess.Popen[bytes], log: Path, urls: list[str], tim
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
+def _serve_run(config: dict[str, Any], tmp: Path, env_extra: dict[str, str], health_paths: list[str],
+               timeout_s: float) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
+    """`serve run` `config` (its port rewritten to a free one) until every health path answers; yields
+    (url, process, log). On exit: Ctrl-C, and the test fails if a process of its Ray instance survives.
+
+    Ray gets a short private temp dir: it isolates this instance (sockets, logs) from any other Ray on
+    the machine and identifies its processes at teardown (short because of the UNIX socket path limit).
+    """
+    port = _free_port()
+    config["http_options"]["port"] = port
+    assert config["http_options"]["host"] == "127.0.0.1"
+    config_path = tmp / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LORA_ADAPTERS")}
+    env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", **env_extra,
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    log = tmp / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([*_serve_executable(), "run", str(config_path)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, log, [url + p for p in health_paths], timeout_s)
+        yield url, proc, log
+    finally:
+        leftovers = _stop(proc, ray_tmp)
+        assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
+
+
 def _proc_table() -> dict[int, tuple[int, str, str]]:
     """pid -> (parent pid, state, command line), read from /proc (Linux; no psutil needed)."""
     table: dict[int, tuple[int, str, str]] = {}
@@ -155,33 +186,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["applications"] = config["applications"][:1]
     config["applications"][0]["args"]["model"] = "demo"
-    port = _free_port()
-    config["http_options"]["port"] = port
-    assert config["http_options"]["host"] == "127.0.0.1"
     app_args = dict(config["applications"][0]["args"])  # what the reference engine is built from
     # The adapter admin API (off in config.yaml), on with the token from the environment, as an
     # operator would switch it on; sources limited to the demo's adapter directory.
     config["applications"][0]["args"].update(admin_enabled=True, adapter_source_roots=[str(demo_dir / "adapters")])
-    config_path = tmp / "config.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    # A short private Ray temp dir: isolates this instance (sockets, logs) from any other Ray on the
-    # machine and identifies its processes at teardown. Short because of the UNIX socket path limit.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LORA_ADAPTERS")}
-    env.update(LORASERVE_CACHE_DIR=str(cache), RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1",
-               LORASERVE_ADMIN_TOKEN=ADMIN_TOKEN,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    log = tmp / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*_serve_executable(), "run", str(config_path)], cwd=REPO, env=env,
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(proc, log, [f"{url}/health"], STARTUP_TIMEOUT_S)
+    env = {"LORASERVE_CACHE_DIR": str(cache), "LORASERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    with _serve_run(config, tmp, env, ["/health"], STARTUP_TIMEOUT_S) as (url, proc, log):
         yield Server(url, proc, log, app_args, demo_dir)
-    finally:
-        leftovers = _stop(proc, ray_tmp)
-        assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
 
 
 @pytest.fixture(scope="module")
