@@ -1,5 +1,6 @@
 """Multi-LoRA serving engine: plain asyncio Python, no Ray, no HTTP."""
 
+from engine.adapter_source import check_source
 from engine.config import AdapterSpec, EngineConfig
 from engine.engine import Engine
 from engine.errors import (
@@ -7,7 +8,10 @@ from engine.errors import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
+    NonFiniteOutputError,
     OverloadedError,
+    QueueTimeoutError,
+    RequestTimeoutError,
     UnknownAdapterError,
 )
 from engine.outputs import RequestOutput, TokenInfo
@@ -21,9 +25,13 @@ __all__ = [
     "EngineDeadError",
     "EngineError",
     "InvalidRequestError",
+    "NonFiniteOutputError",
     "OverloadedError",
+    "QueueTimeoutError",
     "RequestOutput",
+    "RequestTimeoutError",
     "SamplingParams",
     "TokenInfo",
     "UnknownAdapterError",
+    "check_source",
 ]

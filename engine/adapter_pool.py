@@ -6,12 +6,19 @@ yet. In that case a background load from the source starts (one per adapter howe
 wait: single flight), the request stays in its adapter queue while other adapters keep decoding,
 and `on_ready` wakes the engine when the load finishes. A failed load is remembered for
 `failure_ttl_s` and handed to the engine (`take_failures`) to fail the waiting requests, so a
-broken adapter is not retried in a loop.
+broken adapter is not retried in a loop. Every load, background or synchronous, is bounded by
+`load_timeout_s` (engine/adapter_loads.py): a hung one fails its requests at the deadline and
+stops holding back the loads of other adapters.
+
+Reads are confined (engine/adapter_source.py): an adapter registered from a Hub id is read only
+from that repo's folder in the Hub cache, one whose source lies under an `adapter_source_roots`
+root only from under that root, every file resolved again at every read. Adapters the operator
+listed outside every root are read where they are.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -22,15 +29,19 @@ from pathlib import Path
 
 import torch
 
+from engine.adapter_config import base_model_mismatch
+from engine.adapter_loads import LoadJob, LoadRunner
 from engine.adapter_slots import AdapterSlots
-from engine.adapters import LoraAdapter, load_peft_adapter
+from engine.adapter_source import check_source, is_hub_id, root_of
+from engine.adapter_weights import BIN_FILE, SAFETENSORS_FILE, WEIGHT_FILES
+from engine.adapters import CONFIG_FILE, LoraAdapter, load_peft_adapter
 from engine.config import AdapterSpec
 from engine.errors import AdapterBusyError, AdapterLoadError, UnknownAdapterError
-from engine.hub import resolve_local_dir
+from engine.hub import hub_repo_dir, resolve_local_dir
 from engine.model_arch import ModelArch
 
-ADAPTER_FILE_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "*.md"]
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+ADAPTER_FILE_PATTERNS = [CONFIG_FILE, SAFETENSORS_FILE, "*.md"]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +57,14 @@ class AdapterRecord:
     last_used: float = 0.0
     source_reads: int = 0
     dynamic: bool = False
+    # Where its files must lie (set at registration): the Hub repo's cache folder, or the allowed
+    # root its source is under; neither for an operator-listed directory outside every root.
+    from_hub: bool = False
+    allowed_root: Path | None = None
+    # What the adapter says it was trained on, and whether that is not the served base (a warning:
+    # it still loads when its shapes fit).
+    base_model_name_or_path: str | None = None
+    base_model_mismatch: bool = False
 
 
 @dataclass
@@ -76,6 +95,8 @@ class AdapterPool:
         failure_ttl_s: float = 30.0,
         executor: Executor | None = None,
         on_ready: Callable[[], None] | None = None,
+        load_timeout_s: float = 60.0,
+        base_model_names: tuple[str, ...] = (),
     ) -> None:
         self.arch = arch
         self.max_rank = max_rank
@@ -85,17 +106,20 @@ class AdapterPool:
         self.hub_cache_dir = hub_cache_dir
         self.allow_dynamic = allow_dynamic
         self.local_roots = tuple(Path(r).resolve() for r in local_roots)
+        self._root_spellings = tuple(local_roots)  # as configured: a source spelled under one is confined to it
         self.failure_ttl_s = failure_ttl_s
+        self.load_timeout_s = load_timeout_s
+        self.base_model_names = base_model_names
         self.slots = AdapterSlots(arch, num_slots, max_rank, dtype, device)
         self.records: dict[str, AdapterRecord] = {}
         self.host_lru: OrderedDict[str, None] = OrderedDict()  # host-resident ids, least recent first
         self.host_bytes = 0
         self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_slots))
-        self._loading: set[str] = set()
         self._failed: dict[str, tuple[float, AdapterLoadError]] = {}
         self._new_failures: list[tuple[str, AdapterLoadError]] = []
         self._lock = threading.RLock()
-        self._executor = executor or ThreadPoolExecutor(max_workers=2, thread_name_prefix="adapter-load")
+        self._executor = executor
+        self._loads = LoadRunner(self._load_job, self._lock, load_timeout_s, executor=executor)
         self.on_ready = on_ready or (lambda: None)
         self.counters = PoolCounters()
 
@@ -112,15 +136,7 @@ class AdapterPool:
 
         Raises PermissionError with the reason; nothing is read before the check passes.
         """
-        if HUB_ID.match(source) and ".." not in source and not Path(source).exists():
-            return
-        path = Path(source)
-        if not path.is_absolute():
-            raise PermissionError(f"source {source!r} is neither a Hub id (org/name) nor an absolute path")
-        resolved = path.resolve()  # follows symlinks: a link out of the roots is refused
-        if not any(resolved == root or root in resolved.parents for root in self.local_roots):
-            roots = ", ".join(str(r) for r in self.local_roots) or "(none configured)"
-            raise PermissionError(f"source {source!r} resolves outside the allowed adapter roots: {roots}")
+        check_source(source, self.local_roots)
 
     def register(self, spec: AdapterSpec, *, load_now: bool = True, dynamic: bool = False) -> AdapterRecord:
         """Make `spec` servable. With load_now, read it synchronously (start-up: fail fast on a bad adapter)."""
@@ -132,10 +148,12 @@ class AdapterPool:
                 self.records[spec.adapter_id] = record
             else:
                 record.spec = spec
+            record.from_hub = is_hub_id(spec.source)
+            record.allowed_root = None if record.from_hub else root_of(spec.source, self._root_spellings)
             self._failed.pop(spec.adapter_id, None)
         if load_now:
             try:
-                adapter = self._read(record)
+                adapter = self._read_bounded(record)
                 with self._lock:
                     self._put_host(record, adapter)
             except Exception:
@@ -183,7 +201,7 @@ class AdapterPool:
             slot = self.slots.slot_of(adapter_id)
             if slot is not None and self.slots.pins[slot]:
                 raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
-        adapter = self._read(record)
+        adapter = self._read_bounded(record)
         with self._lock:
             slot = self.slots.slot_of(adapter_id)
             if slot is not None and not self.slots.pins[slot]:
@@ -200,9 +218,15 @@ class AdapterPool:
             record.source_reads += 1
         try:
             directory = resolve_local_dir(spec.source, spec.revision, self.hub_cache_dir, ADAPTER_FILE_PATTERNS)
+            if record.from_hub and not any((Path(directory) / name).exists() for name in WEIGHT_FILES):
+                # A repo without safetensors weights: fetch PEFT's older adapter_model.bin, and only
+                # then (as PEFT does), from the same commit (the snapshot folder's name).
+                directory = resolve_local_dir(spec.source, Path(directory).name, self.hub_cache_dir, [BIN_FILE])
         except FileNotFoundError as exc:
             raise AdapterLoadError(spec.adapter_id, str(exc)) from exc
-        adapter = load_peft_adapter(spec.adapter_id, Path(directory), self.arch, self.max_rank, self.dtype, spec.source)
+        root = hub_repo_dir(spec.source, self.hub_cache_dir) if record.from_hub else record.allowed_root
+        adapter = load_peft_adapter(spec.adapter_id, Path(directory), self.arch, self.max_rank, self.dtype, spec.source,
+                                    allowed_root=root)
         if self.device.startswith("cuda"):
             # Page-locked host copies make the later host-to-device copy asynchronous and fast.
             adapter = _pin_memory(adapter)
@@ -210,6 +234,13 @@ class AdapterPool:
             self.counters.source_loads += 1
             self._record_latency(time.perf_counter() - start)
         return adapter
+
+    def _read_bounded(self, record: AdapterRecord) -> LoraAdapter:
+        """A synchronous read (start-up, admin load and reload) under the same timeout as background ones."""
+        try:
+            return self._loads.run_now(lambda: self._read(record))
+        except TimeoutError as exc:
+            raise AdapterLoadError(record.spec.adapter_id, str(exc)) from exc
 
     def _record_latency(self, seconds: float) -> None:
         lat = self.counters.load_seconds
@@ -233,6 +264,11 @@ class AdapterPool:
         record.rank = adapter.rank
         record.targets = adapter.targets
         record.nbytes = adapter.nbytes
+        record.base_model_name_or_path = adapter.base_model
+        record.base_model_mismatch = base_model_mismatch(adapter.base_model, self.base_model_names)
+        if record.base_model_mismatch:
+            log.warning("adapter %r names base model %r, which is not the served base %r; its shapes fit, so it "
+                        "is served", adapter.adapter_id, adapter.base_model, self.base_model_names[0])
         self.host_lru[adapter.adapter_id] = None
         self.host_bytes += adapter.nbytes
 
@@ -249,7 +285,7 @@ class AdapterPool:
                 record.adapter = None
 
     def _start_load(self, adapter_id: str) -> None:
-        if adapter_id in self._loading:
+        if self._loads.pending(adapter_id):
             return
         failure = self._failed.get(adapter_id)
         if failure is not None and time.monotonic() - failure[0] < self.failure_ttl_s:
@@ -260,33 +296,42 @@ class AdapterPool:
             return
         # Counted per load, not per retry: the scheduler asks again every step while it waits.
         self.counters.host_misses += 1
-        self._loading.add(adapter_id)
-        self._executor.submit(self._load_job, adapter_id)
+        self._loads.submit(adapter_id)
 
-    def _load_job(self, adapter_id: str) -> None:
+    def _load_job(self, job: LoadJob) -> None:
+        adapter_id = job.adapter_id
         record = self.records.get(adapter_id)
         try:
             if record is None:
                 return
             adapter = self._read(record)
             with self._lock:
-                if self.records.get(adapter_id) is record:  # not unloaded meanwhile
+                # Not given up on (timed out) and not unloaded meanwhile.
+                if not job.abandoned and self.records.get(adapter_id) is record:
                     self._put_host(record, adapter)
         except Exception as exc:  # any failure becomes the waiting requests' error
             error = exc if isinstance(exc, AdapterLoadError) else AdapterLoadError(adapter_id, repr(exc))
             with self._lock:
-                self.counters.load_failures += 1
-                self._failed[adapter_id] = (time.monotonic(), error)
-                self._new_failures.append((adapter_id, error))
-                if record is not None and record.dynamic:
-                    self.records.pop(adapter_id, None)
+                if not job.abandoned:
+                    self._fail_load(adapter_id, error, record)
         finally:
-            with self._lock:
-                self._loading.discard(adapter_id)
             self.on_ready()
 
+    def _fail_load(self, adapter_id: str, error: AdapterLoadError, record: AdapterRecord | None) -> None:
+        # Under the lock. A dynamic adapter that failed is forgotten (it was never listed).
+        self.counters.load_failures += 1
+        self._failed[adapter_id] = (time.monotonic(), error)
+        self._new_failures.append((adapter_id, error))
+        if record is not None and record.dynamic and self.records.get(adapter_id) is record:
+            del self.records[adapter_id]
+
     def take_failures(self) -> list[tuple[str, AdapterLoadError]]:
+        """Loads that failed (or timed out) since the last call: the engine fails their waiting requests."""
         with self._lock:
+            for job in self._loads.expire():
+                error = AdapterLoadError(job.adapter_id, f"load timed out after {self.load_timeout_s:g} s "
+                                                         f"(adapter_load_timeout_s)")
+                self._fail_load(job.adapter_id, error, self.records.get(job.adapter_id))
             out, self._new_failures = self._new_failures, []
             return out
 
@@ -354,8 +399,11 @@ class AdapterPool:
                     "targets": list(r.targets),
                     "bytes": r.nbytes,
                     "tier": self.tier(adapter_id),
-                    "loading": adapter_id in self._loading,
+                    "loading": self._loads.pending(adapter_id),
                     "dynamic": r.dynamic,
+                    # Known once read; may be a path, so only the flag belongs on public routes.
+                    "base_model_name_or_path": r.base_model_name_or_path,
+                    "base_model_mismatch": r.base_model_mismatch,
                     "requests_served": r.requests_served,
                     "last_used": r.last_used or None,
                 }
@@ -369,7 +417,7 @@ class AdapterPool:
                 "adapters_registered": len(self.records),
                 "adapters_host": len(self.host_lru),
                 "adapters_device": sum(1 for o in self.slots.occupant if o is not None),
-                "adapters_loading": len(self._loading),
+                "adapters_loading": self._loads.count(),
                 "host_bytes": self.host_bytes,
                 "host_cache_bytes": self.host_cache_bytes,
                 "device_slot_bytes": self.slots.nbytes,
@@ -384,6 +432,7 @@ class AdapterPool:
             }
 
     def shutdown(self) -> None:
+        self._loads.shutdown()
         if isinstance(self._executor, ThreadPoolExecutor):
             self._executor.shutdown(wait=False, cancel_futures=True)
 

@@ -3,10 +3,17 @@
 The cache is one tensor per layer for K and V, laid out as flat token slots
 (`num_blocks * block_size`); a sequence's block table maps its positions to slots. The block
 manager decides which blocks a sequence owns; this file only reads and writes them.
+
+Isolation rule: attention reads only slots the row's own sequence has written. A masked score
+still multiplies its value, and 0 * NaN is NaN, so a padded read of another sequence's K/V (a
+batch-mate whose adapter produced NaN/Inf, or a freed block's stale contents) would poison the row
+even though the mask hides it. Hence `padded_kv_slots` pads with each row's own position 0, and
+no read ever reaches past a row's length into the unwritten tail of its last block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +43,26 @@ class KVCache:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
 
+def padded_kv_slots(
+    tables: Sequence[Sequence[int]], lengths: Sequence[int], block_size: int, device: torch.device | str
+) -> torch.Tensor:
+    """[n, max(lengths)] flat cache slots of positions 0..length-1 of each sequence (block tables).
+
+    Positions past a row's length are padding (masked in attention) and repeat the row's own first
+    slot: position 0 is in the cache before any step attends over the sequence, so the padded
+    values are the row's own finite data and contribute exactly zero (see the module docstring).
+    """
+    max_len = max(lengths)
+    max_blocks = -(-max_len // block_size)
+    table = torch.zeros(len(tables), max_blocks, dtype=torch.long)
+    for i, blocks in enumerate(tables):
+        owned = blocks[:max_blocks]
+        table[i, : len(owned)] = torch.tensor(owned, dtype=torch.long)
+    slots = (table.unsqueeze(2) * block_size + torch.arange(block_size)).reshape(len(tables), -1)[:, :max_len]
+    valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+    return torch.where(valid, slots, slots[:, :1]).to(device)
+
+
 @dataclass
 class PrefillSpan:
     """A chunk of one sequence's prompt in this step: rows [start, start+length) of the batch."""
@@ -52,7 +79,7 @@ class DecodeGroup:
 
     start: int
     end: int
-    kv_slots: torch.Tensor  # [n, max_context] flat slots, padded with 0
+    kv_slots: torch.Tensor  # [n, max_context] flat slots, padded with each row's own first slot
     context_lens: torch.Tensor  # [n]
     positions: torch.Tensor  # [n] position of each decode token
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+# engine/scheduler.py implements them; listed here so a config is checked before anything loads
+SCHEDULING_POLICIES = ("fair", "round_robin")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -48,6 +51,35 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     max_waiting: int = 1024
     max_new_tokens_limit: int = 4096
+    # fair scheduling under overload (engine/fair_share.py, engine/scheduler.py)
+    # "fair": token-fair across adapters (S-LoRA's Virtual Token Counter): admission goes to the
+    # waiting adapter that received the least weighted service, preemption takes its victim from the
+    # adapter most over its share, and an adapter whose queue head lacks KV blocks does not stop the
+    # others. "round_robin": the earlier policy (one admission per adapter queue in turn, admission
+    # stops when a head lacks KV blocks, the newest sequence is preempted), kept for comparison.
+    scheduling_policy: str = "fair"
+    # Service weight per adapter id ("" = the base model), 1.0 for any id not listed: an adapter of
+    # weight 2 gets twice the tokens of one of weight 1 while both are backlogged (priority tiers).
+    adapter_weights: dict[str, float] = field(default_factory=dict)
+    # Service cost of one prompt token and one generated token in the fairness counters (VTC's
+    # w_p, w_q; the paper's defaults): a decode token costs a whole model step per token.
+    prefill_token_cost: float = 1.0
+    decode_token_cost: float = 2.0
+    # Waiting requests one adapter may hold (None: no bound of its own, only its share of
+    # max_waiting). Beyond it only that adapter is refused (OverloadedError, HTTP 429).
+    max_waiting_per_adapter: int | None = None
+    # When max_waiting requests wait, an arrival is still accepted if its adapter holds less than its
+    # weighted share of max_waiting, up to this many more in all (None: max(1, max_waiting // 8)),
+    # so a flood from one adapter (or many) fills the queue only for the floods, never for the rest.
+    max_waiting_slack: int | None = None
+    # deadlines (None: none). A request still without its first token this long after it arrived
+    # fails with QueueTimeoutError (HTTP 503) and frees its queue seat; 60 s: a client retrying
+    # after a 503 does better than one waiting minutes in a queue that is not draining.
+    max_queue_wait_s: float | None = 60.0
+    # A request still running this long after it arrived is stopped with RequestTimeoutError
+    # (HTTP 504; its blocks and slot pin are freed, tokens already streamed stand). Off by default as
+    # in TGI and vLLM: max_new_tokens and max_model_len already bound every request's length.
+    request_timeout_s: float | None = None
     # adapters
     max_lora_rank: int = 64
     max_adapter_slots: int = 32
@@ -56,6 +88,9 @@ class EngineConfig:
     host_cache_bytes: int = 2 * 1024**3  # host (CPU) LRU cache of adapter weights
     preload_adapters: bool = True  # read listed adapters at start (fail fast) instead of on first use
     adapter_failure_ttl_s: float = 30.0  # a failed load is answered from memory this long
+    # A load (disk read, Hub download, validation) that takes longer fails its waiting requests
+    # and stops holding a loader thread's place (engine/adapter_loads.py).
+    adapter_load_timeout_s: float = 60.0
     # kernels: "auto" (Triton on CUDA), "torch", "triton"
     lora_backend: str = "auto"
     seed: int = 0
@@ -69,6 +104,11 @@ class EngineConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @property
+    def waiting_slack(self) -> int:
+        """Requests accepted beyond max_waiting from adapters under their share of it."""
+        return max(1, self.max_waiting // 8) if self.max_waiting_slack is None else self.max_waiting_slack
+
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
@@ -77,8 +117,47 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_adapter_slots < 0:
             raise ValueError(f"max_adapter_slots must be >= 0, got {self.max_adapter_slots}")
+        timeout = self.adapter_load_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            raise ValueError(f"adapter_load_timeout_s must be a positive number of seconds, got {timeout!r}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
+        self._validate_scheduling()
         ids = [a.adapter_id for a in self.adapters]
         if len(ids) != len(set(ids)):
             raise ValueError(f"adapter ids must be unique, got {ids}")
+
+    def _validate_scheduling(self) -> None:
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {list(SCHEDULING_POLICIES)}, got {self.scheduling_policy!r}")
+        for adapter_id, weight in self.adapter_weights.items():
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight <= 0:
+                raise ValueError(f"adapter_weights[{adapter_id!r}] must be a finite number > 0, got {weight!r}")
+        for name in ("prefill_token_cost", "decode_token_cost"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if self.max_waiting_per_adapter is not None and self.max_waiting_per_adapter < 1:
+            raise ValueError(f"max_waiting_per_adapter must be >= 1 or None, got {self.max_waiting_per_adapter}")
+        if self.max_waiting_slack is not None and self.max_waiting_slack < 0:
+            raise ValueError(f"max_waiting_slack must be >= 0 or None, got {self.max_waiting_slack}")
+        for name in ("max_queue_wait_s", "request_timeout_s"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a number of seconds > 0 or None, got {value}")
+
+
+def parse_adapter_weights(text: str) -> dict[str, float]:
+    """`id=weight,id2=weight` (an empty id = the base model) -> adapter_weights; names the bad entry."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        adapter_id, sep, value = part.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"adapter_weights: expected id=weight with a weight > 0, got {part.strip()!r}")
+        weights[adapter_id.strip()] = weight
+    return weights

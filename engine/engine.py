@@ -23,16 +23,28 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
+from engine.adapter_config import served_base_names
 from engine.adapter_pool import AdapterPool
 from engine.attention import KVCache
 from engine.block_manager import BlockManager
 from engine.config import AdapterSpec, EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import AdapterBusyError, EngineDeadError, EngineError, InvalidRequestError
+from engine.errors import (
+    AdapterBusyError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    NonFiniteOutputError,
+    OverloadedError,
+    QueueTimeoutError,
+    RequestTimeoutError,
+)
+from engine.fair_share import FairShare
+from engine.grammar import GrammarCompiler
 from engine.hub import resolve_local_dir
 from engine.model_arch import ModelArch
 from engine.model_loader import dummy_causal_lm, load_causal_lm
-from engine.model_runner import ModelRunner, SampledToken
+from engine.model_runner import ModelRunner, SampledToken, StepResult
 from engine.outputs import RequestOutput, TokenInfo
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledBatch, Scheduler
@@ -42,6 +54,9 @@ from kernels.lora_ops import LoraOps
 log = logging.getLogger("engine")
 
 MAX_MODEL_LEN_DEFAULT_CAP = 8192
+# Distinct adapters counted by name in `nonfinite_by_adapter` (a metric label each); the rest share one.
+NONFINITE_ADAPTERS_NAMED = 256
+NONFINITE_OTHER_ADAPTERS = "__other__"
 
 
 @dataclass
@@ -72,6 +87,10 @@ class EngineCounters:
     finished: int = 0
     aborted: int = 0
     failed: int = 0
+    rejected: int = 0  # refused at submit by a waiting bound (OverloadedError)
+    queue_timeouts: int = 0  # no first token within max_queue_wait_s (QueueTimeoutError)
+    request_timeouts: int = 0  # stopped at request_timeout_s (RequestTimeoutError)
+    nonfinite_by_adapter: dict[str, int] = field(default_factory=dict)  # "" = base model
     last_batch_seqs: int = 0
     last_batch_tokens: int = 0
     max_batch_seqs: int = 0
@@ -94,6 +113,8 @@ class Engine:
             self.model = load_causal_lm(self.model_dir, self.arch, self.dtype, self.device)
         self.eos_token_ids = self._eos_ids(hf_config)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)  # the property rebuilds a list per call
+        # Structured output: compiled per distinct grammar (cached), in a child process started on first use.
+        self.grammars = GrammarCompiler(self.tokenizer, self.arch.vocab_size, sorted(self.eos_token_ids))
 
         bytes_per_block = KVCache.bytes_per_block(
             self.arch.num_layers, config.block_size, self.arch.num_kv_heads, self.arch.head_dim, self.dtype
@@ -120,11 +141,17 @@ class Engine:
             local_roots=config.adapter_source_roots,
             failure_ttl_s=config.adapter_failure_ttl_s,
             on_ready=self._wake.set,
+            load_timeout_s=config.adapter_load_timeout_s,
+            base_model_names=served_base_names(config.model, self.model_dir),
         )
         for spec in config.adapters:
             self.pool.register(spec, load_now=config.preload_adapters)
         self.scheduler = Scheduler(
-            self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting
+            self.blocks, self.pool, config.max_num_seqs, config.max_num_batched_tokens, config.max_waiting,
+            policy=config.scheduling_policy,
+            fair_share=FairShare(config.adapter_weights, config.prefill_token_cost, config.decode_token_cost),
+            max_waiting_per_adapter=config.max_waiting_per_adapter,
+            waiting_slack=config.waiting_slack,
         )
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.pool.slots, LoraOps(config.lora_backend), self.device)
         self.counters = EngineCounters()
@@ -222,6 +249,8 @@ class Engine:
         params.validate(self.config.max_new_tokens_limit)
         if adapter_id is not None:
             self.pool.check_known(adapter_id)
+        with self._lock:  # refuse a flood before tokenizing it: a 429 must cost next to nothing
+            self._check_bounds(adapter_id)
         ids = self.tokenize(prompt)
         if truncate is not None:
             if truncate < 1:
@@ -247,6 +276,13 @@ class Engine:
             seq.prompt_logprobs.append(None)
         return seq
 
+    def _check_bounds(self, adapter_id: str | None) -> None:
+        try:
+            self.scheduler.check_bounds(adapter_id)
+        except OverloadedError:
+            self.counters.rejected += 1
+            raise
+
     async def generate(
         self,
         prompt: str | list[int],
@@ -257,17 +293,22 @@ class Engine:
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request; the last one has `finished=True`.
 
-        Raises InvalidRequestError / UnknownAdapterError / OverloadedError before anything is queued.
+        Raises InvalidRequestError / UnknownAdapterError / OverloadedError (with `retry_after_s`)
+        before anything is queued; the stream raises QueueTimeoutError (no first token within
+        max_queue_wait_s) or RequestTimeoutError (past request_timeout_s), everything it held freed.
         Closing the iterator early (a client went away) aborts the request and frees its KV blocks.
         """
         if self._dead is not None:
             raise EngineDeadError(f"engine step loop died: {self._dead!r}")
         params = params or SamplingParams()
         seq = self._make_sequence(prompt, params, adapter_id, request_id, truncate)
+        if params.grammar is not None:  # compiled here, in a worker thread of the caller's loop: never a step
+            seq.grammar = await asyncio.to_thread(self.grammars.matcher, params.grammar)
         queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_ids, params.stop, params.include_stop_str_in_output)
         stream = _Stream(asyncio.get_running_loop(), queue, detok, seq)
         with self._lock:
+            self._check_bounds(adapter_id)  # again: the queue may have filled while the prompt was tokenized
             self.scheduler.add(seq)
             self._streams[seq.request_id] = stream
         self._wake.set()
@@ -339,6 +380,7 @@ class Engine:
             with self._lock:
                 self._apply_aborts()
                 self._fail_adapter_loads()
+                self._expire_deadlines()
                 batch = self.scheduler.schedule() if self.scheduler.has_work() else None
                 if batch is not None:
                     self.counters.preemptions += len(batch.preempted)
@@ -366,6 +408,28 @@ class Engine:
                     self.counters.failed += 1
                     self._finish(stream, "error", error=error)
 
+    def _expire_deadlines(self) -> None:
+        """Fail requests past max_queue_wait_s (no first token yet) or request_timeout_s; frees their blocks and slots."""
+        cfg = self.config
+        in_queue, past_timeout = self.scheduler.overdue(time.monotonic(), cfg.max_queue_wait_s, cfg.request_timeout_s)
+        for seq in in_queue:
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and not stream.done:
+                self.counters.queue_timeouts += 1
+                error = QueueTimeoutError(
+                    f"no capacity for the request within max_queue_wait_s={cfg.max_queue_wait_s:g} s; retry later"
+                )
+                self._finish(stream, "error", error=error)
+        for seq in past_timeout:
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and not stream.done:
+                self.counters.request_timeouts += 1
+                error = RequestTimeoutError(
+                    f"the request ran past request_timeout_s={cfg.request_timeout_s:g} s after "
+                    f"{len(seq.output_ids)} generated tokens and was stopped"
+                )
+                self._finish(stream, "error", error=error)
+
     def _apply_aborts(self) -> None:
         for rid in self._pending_aborts:
             stream = self._streams.get(rid)
@@ -380,7 +444,7 @@ class Engine:
                 self.counters.failed += 1
                 self._finish(stream, "error", error=EngineError(f"generation failed: {exc}"))
 
-    def _postprocess(self, batch: ScheduledBatch, sampled: list[SampledToken]) -> None:
+    def _postprocess(self, batch: ScheduledBatch, step: StepResult) -> None:
         c = self.counters
         c.steps += 1
         c.last_batch_seqs = len(batch.prefills) + len(batch.decodes)
@@ -391,13 +455,30 @@ class Engine:
         c.decode_tokens += len(batch.decodes)
         for s in batch.prefills + batch.decodes:
             s.seq.num_computed += s.num_tokens
+        for seq in step.nonfinite:
+            stream = self._streams.get(seq.request_id)
+            if stream is not None and not stream.done:
+                self._fail_nonfinite(stream)
         now = time.monotonic()
-        for st in sampled:
+        for st in step.sampled:
             stream = self._streams.get(st.seq.request_id)
             if stream is None or stream.done:
                 continue
             self._append_token(stream, st, now)
         self._apply_aborts()
+
+    def _fail_nonfinite(self, stream: _Stream) -> None:
+        """Stop a request whose logits came out NaN/Inf; its batch-mates are untouched (see attention.py)."""
+        adapter_id = stream.seq.adapter_id
+        counts = self.counters.nonfinite_by_adapter
+        key = adapter_id or ""
+        if key not in counts and len(counts) >= NONFINITE_ADAPTERS_NAMED:
+            key = NONFINITE_OTHER_ADAPTERS
+        counts[key] = counts.get(key, 0) + 1
+        self.counters.failed += 1
+        error = NonFiniteOutputError(adapter_id)
+        log.warning("request %s: %s", stream.seq.request_id, error)
+        self._finish(stream, "error", error=error)
 
     def _token_info(self, token_id: int, logprob: float | None) -> TokenInfo:
         text = self.tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
@@ -405,6 +486,10 @@ class Engine:
 
     def _append_token(self, stream: _Stream, st: SampledToken, now: float) -> None:
         seq, params = stream.seq, stream.seq.params
+        if seq.grammar is not None and not seq.grammar.accept(st.token_id):  # the mask makes this unreachable
+            self.counters.failed += 1
+            self._finish(stream, "error", error=EngineError("the sampled token does not fit the request's grammar"))
+            return
         seq.output_ids.append(st.token_id)
         seq.output_logprobs.append(st.logprob)
         if seq.first_token_time is None:
@@ -515,6 +600,15 @@ class Engine:
                 "finished": c.finished,
                 "aborted": c.aborted,
                 "failed": c.failed,
+                "rejected": c.rejected,
+                "queue_timeouts": c.queue_timeouts,
+                "request_timeouts": c.request_timeouts,
+                "scheduling_policy": self.scheduler.policy,
+                # per adapter ("" = base): weight, VTC counter, tokens served, admissions, rejections,
+                # timeouts, queue waits (sum and max over admitted requests)
+                "fairness": self.scheduler.fair.snapshot(),
+                "nonfinite_by_adapter": dict(c.nonfinite_by_adapter),
+                "grammars": self.grammars.stats(),  # compiled-grammar cache: entries, bytes, compiles, hits
                 "adapters": self.pool.stats(),
             }
 
@@ -528,6 +622,7 @@ class Engine:
 
     def shutdown(self) -> None:
         self.pool.shutdown()
+        self.grammars.close()
         self._stop = True
         self._wake.set()
         self._thread.join(timeout=10)

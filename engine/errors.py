@@ -40,9 +40,31 @@ class AdapterLoadError(EngineError):
 
 
 class OverloadedError(EngineError):
-    """The bounded waiting queue is full; retry later (HTTP 429)."""
+    """A waiting-queue bound is full for this request's adapter; retry later (HTTP 429, Retry-After).
+
+    Raised at submit, before anything is queued. `retry_after_s` estimates when retrying could
+    succeed (the adapter's queue drain time at its recent admission rate); `adapter_id` is the
+    adapter refused (None = the base model).
+    """
 
     error_type = "overloaded"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, adapter_id: str | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.adapter_id = adapter_id
+
+
+class QueueTimeoutError(EngineError):
+    """The request waited longer than `max_queue_wait_s` without its first token (HTTP 503)."""
+
+    error_type = "queue_timeout"
+
+
+class RequestTimeoutError(EngineError):
+    """The request ran past `request_timeout_s` and was stopped; tokens already sent stand (HTTP 504)."""
+
+    error_type = "request_timeout"
 
 
 class EngineDeadError(EngineError):
@@ -58,4 +80,16 @@ class AdapterBusyError(EngineError):
 
     def __init__(self, adapter_id: str, message: str) -> None:
         super().__init__(f"adapter {adapter_id!r}: {message}")
+        self.adapter_id = adapter_id
+
+
+class NonFiniteOutputError(EngineError):
+    """The model's logits for this request came out NaN or Inf, in practice because its adapter's weights
+    hold NaN/Inf or overflow the dtype. Only this request is stopped (HTTP 424 on TGI routes)."""
+
+    error_type = "generation"
+
+    def __init__(self, adapter_id: str | None) -> None:
+        who = "the base model" if adapter_id is None else f"adapter {adapter_id!r}"
+        super().__init__(f"{who} produced non-finite logits (NaN or Inf); the request was stopped")
         self.adapter_id = adapter_id

@@ -12,6 +12,19 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def hub_repo_dir(repo_id: str, cache_dir: str | None = None) -> Path:
+    """Where huggingface_hub keeps a model repo's cache (snapshots/ links into blobs/), symlinks resolved.
+
+    Every file snapshot_download hands back for `repo_id` lies under it once resolved; an adapter
+    read from the Hub is confined to it (engine/adapter_source.py).
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    cache = Path(cache_dir or constants.HF_HUB_CACHE).expanduser()
+    return (cache / repo_folder_name(repo_id=repo_id, repo_type="model")).resolve()
+
+
 def resolve_local_dir(
     ref: str,
     revision: str | None = None,

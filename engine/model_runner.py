@@ -7,10 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from engine.adapter_slots import AdapterSlots
-from engine.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSpan
+from engine.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSpan, padded_kv_slots
 from engine.block_manager import BlockManager
+from engine.grammar import MaskFiller
 from engine.model import CausalLM, LoraContext
-from engine.sampler import SampleRow, sample
+from engine.sampler import SampleRow, finite_rows, sample
 from engine.scheduler import ScheduledBatch, ScheduledSeq
 from engine.sequence import Sequence
 from kernels.lora_ops import LoraBatch, LoraOps
@@ -28,6 +29,15 @@ class SampledToken:
     top: list[tuple[int, float]]
 
 
+@dataclass(frozen=True)
+class StepResult:
+    """What one step produced: sampled tokens, and the sequences whose logits came out NaN/Inf."""
+
+    sampled: list[SampledToken]
+    # Not sampled (and no prompt logprob recorded) this step; the engine fails each of these requests.
+    nonfinite: list[Sequence]
+
+
 class ModelRunner:
     def __init__(
         self, model: CausalLM, kv: KVCache, blocks: BlockManager, slots: AdapterSlots, lora_ops: LoraOps, device: str
@@ -38,22 +48,15 @@ class ModelRunner:
         self.slots = slots
         self.lora_ops = lora_ops
         self.device = torch.device(device)
+        self.grammar_masks = MaskFiller()
 
     def _slots_of(self, seq_ids: list[str], lengths: list[int]) -> torch.Tensor:
-        """[len(seq_ids), max(lengths)] flat cache slots of positions 0..length-1, padded with slot 0."""
-        bs = self.blocks.block_size
-        max_len = max(lengths)
-        max_blocks = -(-max_len // bs)
-        table = torch.zeros(len(seq_ids), max_blocks, dtype=torch.long)
-        for i, sid in enumerate(seq_ids):
-            t = self.blocks.table(sid)[:max_blocks]
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        slots = (table.unsqueeze(2) * bs + torch.arange(bs)).reshape(len(seq_ids), -1)[:, :max_len]
-        valid = torch.arange(max_len).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-        return torch.where(valid, slots, torch.zeros_like(slots)).to(self.device)
+        """[len(seq_ids), max(lengths)] flat cache slots of positions 0..length-1, padded with own data."""
+        tables = [self.blocks.table(sid) for sid in seq_ids]
+        return padded_kv_slots(tables, lengths, self.blocks.block_size, self.device)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[SampledToken]:
+    def run(self, batch: ScheduledBatch) -> StepResult:
         # Decodes sorted by context length, so each attention group pads to a similar length.
         decodes = sorted(batch.decodes, key=lambda s: s.seq.num_computed)
         rows: list[ScheduledSeq] = batch.prefills + decodes
@@ -115,18 +118,36 @@ class ModelRunner:
             lora = LoraContext(self.slots.layers, LoraBatch.build(token_slots, num_prefill, dev), self.lora_ops)
         hidden = self.model(torch.tensor(input_ids, device=dev), attn, self.kv, lora)
 
+        nonfinite: list[Sequence] = []
         if prompt_lp_rows:
-            lp = self.model.logits(hidden[[r for _, r, _ in prompt_lp_rows]]).log_softmax(-1)
-            for j, (seq, _, pos) in enumerate(prompt_lp_rows):
-                seq.prompt_logprobs.append(float(lp[j, seq.prompt_ids[pos]]))
+            nonfinite = self._record_prompt_logprobs(hidden, prompt_lp_rows)
         if not logit_rows:
-            return []
+            return StepResult([], nonfinite)
         logits = self.model.logits(hidden[logit_rows])
         sample_rows = [
             SampleRow(seq.params, seq.generator, seq.prompt_ids + seq.output_ids, seq.output_ids) for seq in sampled_seqs
         ]
-        result = sample(logits, sample_rows)
-        return [
+        # Structured output: one bitmask for the rows with a grammar (none of the work when no row has one).
+        mask = self.grammar_masks.mask([seq.grammar for seq in sampled_seqs], logits.shape[-1])
+        result = sample(logits, sample_rows, mask)
+        nonfinite += [sampled_seqs[i] for i in result.nonfinite if sampled_seqs[i] not in nonfinite]
+        sampled = [
             SampledToken(seq, tok, lp, top)
             for seq, tok, lp, top in zip(sampled_seqs, result.token_ids, result.logprobs, result.top_tokens)
+            if seq not in nonfinite
         ]
+        return StepResult(sampled, nonfinite)
+
+    def _record_prompt_logprobs(
+        self, hidden: torch.Tensor, rows: list[tuple[Sequence, int, int]]
+    ) -> list[Sequence]:
+        """Append each prompt position's logprob to its sequence; returns the sequences with NaN/Inf logits."""
+        logits = self.model.logits(hidden[[r for _, r, _ in rows]])
+        finite = finite_rows(logits).tolist()
+        targets = torch.tensor([seq.prompt_ids[pos] for seq, _, pos in rows], device=logits.device)
+        values = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+        bad = list(dict.fromkeys(seq for (seq, _, _), ok in zip(rows, finite) if not ok))
+        for (seq, _, _), value in zip(rows, values):
+            if seq not in bad:  # a failed request's later positions would be recorded out of order
+                seq.prompt_logprobs.append(value)
+        return bad

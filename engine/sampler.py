@@ -4,6 +4,7 @@ Each row has its own parameters. Processing follows Hugging Face `generate`'s or
 and frequency penalties on the raw logits, then temperature, top-k, top-p and typical-p. Greedy rows
 take the argmax of the penalised logits. Sampled rows draw one uniform number from their own
 torch.Generator (seeded per request), so a seed gives the same tokens whatever else is in the batch.
+Rows with a grammar (structured output) are masked to the tokens it allows before all of that.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.grammar import GrammarMask
 from engine.sampling_params import SamplingParams
 
 
@@ -25,9 +27,10 @@ class SampleRow:
 
 @dataclass(frozen=True)
 class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float]
+    token_ids: list[int]  # -1 for a row in `nonfinite`
+    logprobs: list[float]  # nan for a row in `nonfinite`
     top_tokens: list[list[tuple[int, float]]]
+    nonfinite: tuple[int, ...] = ()  # rows whose logits held NaN/Inf: not sampled, the caller fails them
 
 
 def _penalise(logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
@@ -73,8 +76,40 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
-    """logits [n, V] float32 -> one token per row, its logprob under the model, and top-n alternatives."""
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[n] bool: which rows of logits [n, V] hold no NaN/Inf (rows that may be sampled or reported)."""
+    # A row's sum is NaN/Inf iff one of its logits is (or if finite ones overflow float32, which only
+    # a broken model reaches). One fast reduction: `isfinite(logits).all(-1)` costs ~15x as much on CPU.
+    return torch.isfinite(logits.sum(-1))
+
+
+def sample(logits: torch.Tensor, rows: list[SampleRow], grammar_mask: GrammarMask | None = None) -> SampleResult:
+    """logits [n, V] float32 -> one token per row, its logprob under the model, and top-n alternatives.
+
+    A row with any NaN/Inf logit is not sampled (argmax over NaN picks an arbitrary token, often id 0)
+    and is listed in `nonfinite`; the other rows get exactly the tokens they would get without it.
+    `grammar_mask` (structured output) sets the logits its rows may not take to -inf, in place, before
+    anything else, so penalties, temperature, top-k/p and the reported logprobs all see the constrained
+    distribution (as in TGI and vLLM); rows without a grammar are not touched.
+    """
+    finite = finite_rows(logits)  # before the mask: its -inf entries are not a broken model
+    if grammar_mask is not None:
+        grammar_mask.apply(logits)
+    if bool(finite.all()):  # the hot path: one small reduction and one host read per step
+        return _sample(logits, rows)
+    flags = finite.tolist()
+    keep = [i for i, ok in enumerate(flags) if ok]
+    token_ids, logprobs = [-1] * len(rows), [float("nan")] * len(rows)
+    top: list[list[tuple[int, float]]] = [[] for _ in rows]
+    if keep:
+        kept = _sample(logits[keep], [rows[i] for i in keep])
+        for j, i in enumerate(keep):
+            token_ids[i], logprobs[i], top[i] = kept.token_ids[j], kept.logprobs[j], kept.top_tokens[j]
+    bad = tuple(i for i, ok in enumerate(flags) if not ok)
+    return SampleResult(token_ids=token_ids, logprobs=logprobs, top_tokens=top, nonfinite=bad)
+
+
+def _sample(logits: torch.Tensor, rows: list[SampleRow]) -> SampleResult:
     raw_logprobs = logits.log_softmax(-1)
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty != 0.0 for r in rows):
         logits = _penalise(logits.clone(), rows)

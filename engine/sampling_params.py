@@ -8,6 +8,30 @@ from engine.errors import InvalidRequestError
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOP_N_TOKENS = 20
+GRAMMAR_TYPES = ("json", "regex")
+# A grammar's text (a JSON schema serialized, or a regex) is compiled per distinct value; compile time
+# grows with its size, and engine/grammar.py bounds that time too. 64 KiB holds any schema a person writes.
+MAX_GRAMMAR_CHARS = 65_536
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """Structured output for one request: `type` "json" (value: a JSON schema, serialized) or "regex"."""
+
+    type: str
+    value: str
+
+    def validate(self) -> None:
+        if self.type not in GRAMMAR_TYPES:
+            raise InvalidRequestError("grammar", f"type must be one of {list(GRAMMAR_TYPES)}, got {self.type!r}")
+        if not isinstance(self.value, str):
+            raise InvalidRequestError("grammar", f"value must be a string, got {type(self.value).__name__}")
+        if len(self.value) > MAX_GRAMMAR_CHARS:
+            raise InvalidRequestError(
+                "grammar", f"value must have at most {MAX_GRAMMAR_CHARS} characters, given: {len(self.value)}"
+            )
+        if self.type == "regex" and not self.value:
+            raise InvalidRequestError("grammar", "a regex grammar must not be empty")
 
 
 @dataclass(frozen=True)
@@ -29,6 +53,7 @@ class SamplingParams:
     logprobs: bool = True  # logprob of each chosen token (cheap; TGI always returns it in details)
     top_n_tokens: int = 0
     prompt_logprobs: bool = False  # logprobs of the prompt tokens (TGI decoder_input_details)
+    grammar: GrammarSpec | None = None  # constrain the output to a JSON schema or a regex
 
     @property
     def greedy(self) -> bool:
@@ -62,3 +87,9 @@ class SamplingParams:
             raise bad("stop", "stop sequences must be non-empty strings")
         if not 0 <= self.top_n_tokens <= MAX_TOP_N_TOKENS:
             raise bad("top_n_tokens", f"must be in [0, {MAX_TOP_N_TOKENS}], got {self.top_n_tokens}")
+        if self.grammar is not None:
+            if not isinstance(self.grammar, GrammarSpec):
+                raise bad("grammar", f"must be a GrammarSpec, got {type(self.grammar).__name__}")
+            self.grammar.validate()
+            if self.ignore_eos:  # a finished grammar allows only EOS: ignoring it would leave no token
+                raise bad("grammar", "cannot be combined with ignore_eos")

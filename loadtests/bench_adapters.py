@@ -69,7 +69,7 @@ def run_case(base: Path, adapters: list[Path], picks: list[int], prompts: list[l
         model=str(base), max_lora_rank=8, max_adapter_slots=slots, host_cache_bytes=host_bytes,
         adapters=tuple(AdapterSpec(f"lora-{i}", str(adapters[i])) for i in range(len(adapters))),
         preload_adapters=False, kv_cache_bytes=2 * 1024**3, max_num_seqs=64, max_num_batched_tokens=1024,
-        max_waiting=4096,
+        max_waiting=4096, max_queue_wait_s=None,  # every request arrives at once: queueing is the workload
     ))
     ttft: list[float] = []
     bar = tqdm(total=len(prompts) * new_tokens, desc=label, unit="tok", leave=False)

@@ -137,7 +137,8 @@ def main() -> None:
 
     results: dict[str, float] = {}
     cfg = dict(model=str(base), dtype="float32", max_lora_rank=8, max_adapter_slots=n_adapters,
-               kv_cache_bytes=3 * 1024**3, max_num_seqs=n, max_num_batched_tokens=args.max_num_batched_tokens)
+               kv_cache_bytes=3 * 1024**3, max_num_seqs=n, max_num_batched_tokens=args.max_num_batched_tokens,
+               max_queue_wait_s=None)  # every request arrives at once: queueing is the workload
     engine = Engine(EngineConfig(adapters=tuple(AdapterSpec(k, str(v)) for k, v in qv.items()), **cfg))
     run_engine_case(engine, make_workload(4, (8, 16), (4, 8), 400, seed=9), [None] * 4, "warm-up")
     results["engine: base only"] = run_engine_case(engine, work, [None] * n, "base only")

@@ -10,6 +10,9 @@ bound to 127.0.0.1) and stops it afterwards (Ctrl-C, as a user would). It runs
 the standard library with gevent; keeping it out of this process keeps this one plain), bounded by
 --duration and --max-requests. Meanwhile it samples the number of model replicas and their engine
 load once a second from GET /admin/stats (every live replica answers) and prints a progress line.
+/admin/stats needs the admin token: the server this starts gets the admin API switched on with the
+token in LORASERVE_ADMIN_TOKEN (a fresh random one when unset); with --host, set LORASERVE_ADMIN_TOKEN
+to that server's token (without it the replica samples stay empty).
 
 Output (--out): events.jsonl (one line per request, from the locustfile), locust_*.csv,
 replicas.csv, summary.json, summary.md (table: throughput, p50/p95 TTFT and latency before/during/
@@ -27,6 +30,7 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
 import subprocess
 import sys
@@ -51,6 +55,12 @@ SCENARIOS = {
     "mixed": REPO / "loadtests" / "locustfile_mixed.py",
 }
 DPI = 70  # small PNGs: they are committed under loadtests/results/
+ADMIN_TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
+
+
+def admin_headers() -> dict[str, str]:
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ---- server -------------------------------------------------------------------------------------
@@ -70,6 +80,10 @@ def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float
         data["applications"] = [first]
     data.setdefault("http_options", {})
     data["http_options"].update(host="127.0.0.1", port=port)
+    # The replica sampler reads GET /admin/stats, which the admin API's token guards.
+    os.environ.setdefault(ADMIN_TOKEN_ENV, secrets.token_hex(16))
+    for application in data["applications"]:
+        application["args"] = {**application.get("args", {}), "admin_enabled": True}
     tmp = Path(tempfile.mkdtemp(prefix="loadtest-"))
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -120,7 +134,7 @@ class ReplicaSampler(threading.Thread):
             while not self._stop_event.is_set():
                 t = time.time()
                 with contextlib.suppress(Exception):
-                    replicas = client.get(f"{self.url}/admin/stats").json()["replicas"]
+                    replicas = client.get(f"{self.url}/admin/stats", headers=admin_headers()).json()["replicas"]
                     load = sum(float(r["engine"].get("num_running", 0)) + float(r["engine"].get("num_waiting", 0))
                                for r in replicas)
                     self.samples.append((t, len(replicas), load))

@@ -4,13 +4,26 @@
     python -m serve_app --model-id ./my-llama --lora-adapters sql=./sql-lora,chat=org/chat-lora
 
 Flags mirror text-generation-launcher where the meaning matches (`--model-id`, `--lora-adapters`,
-`--max-total-tokens`, `--max-batch-prefill-tokens`, `--max-concurrent-requests`, ...). Ctrl-C / SIGTERM
-shuts Serve and the local Ray instance down.
+`--max-total-tokens`, `--max-batch-prefill-tokens`, `--max-concurrent-requests`, `--payload-limit`, ...).
+Ctrl-C / SIGTERM shuts Serve and the local Ray instance down.
+
+With a loopback `--hostname` (the default) the local Ray instance this starts listens on loopback
+only: its GCS, raylet, object manager, agents and workers accept anyone who can reach them, so on a
+shared network they must not listen on every interface. Ray (2.x) resolves a loopback node address
+to the machine's outward address unless `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` (its switch for
+single-machine instances); the launcher sets it for the processes it starts, and Ray's token
+authentication (`RAY_AUTH_MODE=token`) unless set otherwise. What still listens on all interfaces
+(Ray Serve 2.60) is each Serve replica's inter-deployment gRPC server, bound to `[::]` in Ray's own
+code; token authentication guards it. For a cluster, start Ray yourself on a private network
+(`ray start --head --node-ip-address=...`) and pass `--address`, or use `serve run config.yaml`
+(README, "Limits and errors").
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
+import os
 import signal
 import sys
 import threading
@@ -43,7 +56,24 @@ _FLAGS: list[tuple[str, str, type | None, str]] = [
     ("--torch-threads", "torch_threads", int, "torch threads per model replica"),
     ("--stream-messages-per-s", "stream_messages_per_s", float,
      "streaming chunks per second per replica, all streams together (0: one per token)"),
+    ("--payload-limit", "max_body_bytes", int, "largest request body in bytes (default 2000000, as TGI; beyond: HTTP 413)"),
+    ("--max-input-chars", "max_input_chars", int,
+     "longest prompt in characters, refused before tokenizing (default: max total tokens x 8)"),
+    ("--request-timeout-s", "request_timeout_s", float,
+     "seconds a request may take at the ingress, queueing included (default 60; beyond: HTTP 503)"),
 ]
+# Ray's switch that keeps a single-machine instance on its loopback address (see the module docstring).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_AUTH_ENV = "RAY_AUTH_MODE"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
@@ -66,6 +96,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
 
 def main(argv: Sequence[str] | None = None) -> int:
     app_args, opts = parse_args(argv)
+    local_only = opts.address is None and is_loopback(opts.host)
+    if local_only:  # before Ray is imported: it reads the switch once, and its processes inherit it
+        os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
+        os.environ.setdefault(RAY_AUTH_ENV, "token")
     import ray
     from ray import serve
 
@@ -78,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     if not ray.is_initialized():
-        ray.init(address=opts.address, num_cpus=opts.num_cpus, include_dashboard=False, namespace="serve")
+        node_ip = {"_node_ip_address": "127.0.0.1"} if local_only else {}
+        ray.init(address=opts.address, num_cpus=opts.num_cpus, include_dashboard=False, namespace="serve", **node_ip)
     serve.start(http_options={"host": opts.host, "port": opts.port})
     serve.run(app, name=opts.app_name, route_prefix=opts.route_prefix, blocking=False)
     print(f"loraserve: serving on http://{opts.host}:{opts.port}{opts.route_prefix} (Ctrl-C to stop)", flush=True)

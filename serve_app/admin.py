@@ -1,7 +1,9 @@
 """The adapter admin API: list, load, reload and unload adapters on every model replica.
 
     GET    /adapters               every adapter of every replica (id, source, rank, targets, bytes,
-                                   tier disk/host/device, requests served, last used, replica)
+                                   tier disk/host/device, requests served, last used, replica, the
+                                   base_model_name_or_path it names and base_model_mismatch: true
+                                   when that is not the served base; it is served all the same)
     POST   /adapters               {"id", "source", "revision", "preload"}: load, or reload when the id exists
     DELETE /adapters/{id}          unload; 409 while requests use it (we refuse, we do not drain)
     POST   /adapters/{id}/reload   re-read an adapter whose files changed
@@ -13,7 +15,9 @@ Guarded, because these routes make the server read files and download from the H
 - a source given over HTTP must be a Hub id or a directory under `adapter_source_roots` after
   resolving symlinks and `..`. The check runs here, on the ingress, before any replica is called,
   so a refused request reads nothing; each replica checks again with its pool's `check_source`
-  (its roots are authoritative, and the ingress may run on another node).
+  (its roots are authoritative, and the ingress may run on another node). Both use the one rule,
+  engine.check_source (engine/adapter_source.py); the replica also confines every later read of
+  the adapter's files to the root its source lies under.
 
 Each replica answers for itself (errors as data, as in serve_app/errors.py); the ingress merges:
 404 when no replica knows the id, 409 when any refused because the adapter is busy.
@@ -23,19 +27,21 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine import check_source
+
+log = logging.getLogger("serve_app.admin")
+
 TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
-# The same rule as engine.adapter_pool.HUB_ID: "org/name", no path-like parts.
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 ADAPTER_ID = re.compile(r"^\S{1,256}$")  # ids travel in URLs and metric labels: no whitespace, bounded
 MAX_ADMIN_BODY = 64 * 1024
 
@@ -80,27 +86,6 @@ def resolve_admin_token(enabled: bool, token: str | None, env: Mapping[str, str]
     return token
 
 
-def check_source(source: str, roots: Sequence[str]) -> None:
-    """Raise PermissionError unless `source` is a Hub id or resolves (symlinks, `..`) to a path under a root.
-
-    Equivalent to engine.adapter_pool.AdapterPool.check_source (the ingress has no pool). Only path
-    metadata is looked at (exists/resolve); no adapter file is opened.
-    """
-    if not source or "\x00" in source:
-        raise PermissionError("source is empty or contains a NUL byte")
-    if HUB_ID.match(source) and ".." not in source and not Path(source).exists():
-        return
-    path = Path(source)
-    if not path.is_absolute():
-        raise PermissionError(f"source {source!r} is neither a Hub id (org/name) nor an absolute path")
-    resolved = path.resolve()  # follows symlinks and `..`: a link or a climb out of the roots is refused
-    allowed = [Path(r).resolve() for r in roots]
-    if not any(resolved == root or root in resolved.parents for root in allowed):
-        shown = ", ".join(str(r) for r in allowed) or "(none configured)"
-        raise PermissionError(f"source {source!r} resolves to {str(resolved)!r}, outside the allowed adapter "
-                              f"roots: {shown}")
-
-
 def admin_error(status: int, message: str, error_type: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """TGI's error shape ({"error", "error_type"}), as every other route answers."""
     return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
@@ -131,6 +116,8 @@ class AdminApi:
             return admin_error(401, "invalid admin token", "unauthorized", challenge)
         return None
 
+    refuse = _refuse  # public: serve_app/http_app.py guards GET /admin/stats with the same check
+
     async def _body(self, request: Request) -> dict[str, Any] | Response:
         raw = await request.body()
         if len(raw) > MAX_ADMIN_BODY:
@@ -148,8 +135,9 @@ class AdminApi:
     async def _run(self, op: str, payload: dict[str, Any]) -> list[dict[str, Any]] | Response:
         try:
             return await self.backend.admin(op, payload)
-        except Exception as exc:  # no replica reachable
-            return admin_error(503, f"model replicas unavailable: {type(exc).__name__}: {exc}", "unhealthy")
+        except Exception as exc:  # no replica reachable; the backend's message is already plain
+            log.warning("admin %s: model replicas unavailable: %r", op, exc)
+            return admin_error(503, f"model replicas unavailable: {exc}", "unhealthy")
 
     @staticmethod
     def _merge(adapter_id: str, results: list[dict[str, Any]], ok_status: int = 200) -> Response:

@@ -107,8 +107,9 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     # The replica gets the explicit adapters only; it re-resolves the model (and its bundled adapters)
     # on its own node.
     replica_config = engine_config_to_dict(settings.engine_config(resolved.path, settings.adapters))
-    options = {"torch_threads": torch_threads, "stream_messages_per_s": settings.stream_messages_per_s}
+    options = {"torch_threads": torch_threads, "stream_messages_per_s": settings.stream_messages_per_s,
+               "max_input_chars": settings.max_input_chars}
     model = ModelReplica.options(**model_opts).bind(replica_config, settings.model, settings.served_model_name,
                                                     options)
     return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes, settings.affinity_routing,
-                                                settings.admin_config())
+                                                settings.admin_config(), settings.request_timeout_s)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
 
 from engine import (
@@ -37,6 +40,18 @@ FINISHED_OK = ("length", "eos_token", "stop_sequence")
 # Each costs ~1-2 ms of CPU across replica, ingress and proxy; 50/s keeps that under a tenth of a
 # core (measured on 2 CPU cores: loadtests/bench_serve.py). Raise it on machines with cores to spare.
 DEFAULT_STREAM_MESSAGES_PER_S = 50.0
+# The default prompt size limit in characters, before any tokenizing: max_model_len tokens times this.
+# Tokenizers average 3-5 characters per token on text and code, so a prompt over the bound could not
+# fit the context anyway; refusing it by its length costs nothing, tokenizing 4 MB first costs seconds.
+CHARS_PER_TOKEN_BOUND = 8
+# Prompts up to this many characters are tokenized on the event loop (well under a millisecond, less
+# than a hop to a thread); longer ones in PREPARE_WORKERS worker threads, so that a big prompt delays
+# its sender only. Fast tokenizers release the GIL while they run, and the workers run at a lower
+# CPU priority (nice +PREPARE_NICE, Linux): when the cores are busy, the event loop and the engine's
+# step thread go first and big prompts get what is left.
+INLINE_PREPARE_CHARS = 1024
+PREPARE_WORKERS = 2
+PREPARE_NICE = 10
 
 
 class EngineRequest(TypedDict, total=False):
@@ -51,6 +66,39 @@ class EngineRequest(TypedDict, total=False):
     truncate: int | None
     details: bool  # per-token details (ids, logprobs) in the final result
     arrival: float  # time.time() when the ingress received the request (for time to first token)
+
+
+def prompt_chars(req: EngineRequest) -> int:
+    """The size of a request's prompt in characters (chat: roles and contents), or token ids in a list."""
+    messages = req.get("messages")
+    if messages is not None:
+        return sum(len(str(m.get("role") or "")) + len(str(m.get("content") or "")) for m in messages)
+    return len(req.get("prompt") or "")
+
+
+def check_prompt_size(req: EngineRequest, max_input_chars: int | None, max_model_len: int | None) -> None:
+    """Refuse a prompt too big to tokenize (InvalidRequestError naming the field and the limit).
+
+    The one rule for both sides: the ingress applies it with the limits from the replica's `info()`
+    (before the prompt crosses to a replica), the replica again before it tokenizes.
+    """
+    size = prompt_chars(req)
+    if req.get("messages") is not None:
+        if max_input_chars is not None and size > max_input_chars:
+            raise InvalidRequestError("messages", f"at most {max_input_chars} characters of roles and contents "
+                                                  f"together (max_input_chars), given: {size}")
+    elif isinstance(req.get("prompt"), list):
+        if max_model_len is not None and size > max_model_len:
+            raise InvalidRequestError("inputs", f"at most {max_model_len} token ids (max_model_len), given: {size}")
+    elif max_input_chars is not None and size > max_input_chars:
+        raise InvalidRequestError("inputs", f"`inputs` must have at most {max_input_chars} characters "
+                                            f"(max_input_chars), given: {size}")
+
+
+def _lower_thread_priority() -> None:
+    """Initializer of the prepare workers. Linux sets priorities per thread; elsewhere this is a no-op."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)
 
 
 def token_dict(token: TokenInfo) -> dict[str, Any]:
@@ -68,8 +116,12 @@ def engine_alive(engine: Engine) -> bool:
 
 class ReplicaCore:
     def __init__(self, config: EngineConfig, served_name: str, replica_id: str = "local",
-                 stream_messages_per_s: float = DEFAULT_STREAM_MESSAGES_PER_S) -> None:
+                 stream_messages_per_s: float = DEFAULT_STREAM_MESSAGES_PER_S,
+                 max_input_chars: int | None = None) -> None:
         self.engine = Engine(config)
+        self.max_input_chars = max_input_chars or self.engine.max_model_len * CHARS_PER_TOKEN_BOUND
+        self._prepare_pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="loraserve-prepare",
+                                                initializer=_lower_thread_priority)
         self.stream_messages_per_s = stream_messages_per_s
         self._active_streams = 0
         self.config = config
@@ -84,16 +136,16 @@ class ReplicaCore:
         """The engine adapter id for an API `model` / `adapter_id` value (None = base model)."""
         if model is None or model == "":
             return None
-        if model in self.engine.adapter_ids():
+        if self.engine.has_adapter(model):
             return model
         if model == self.served_name:
             return None
-        return model  # unknown: the engine answers UnknownAdapterError with the list of known ids
+        return model  # unknown: the engine answers UnknownAdapterError
 
     def _adapter_label(self, adapter_id: str | None) -> str:
         if adapter_id is None:
             return ""
-        return adapter_id if adapter_id in self.engine.adapter_ids() else UNKNOWN_ADAPTER_LABEL
+        return adapter_id if self.engine.has_adapter(adapter_id) else UNKNOWN_ADAPTER_LABEL
 
     def _prompt_ids(self, req: EngineRequest) -> list[int]:
         messages = req.get("messages")
@@ -115,6 +167,7 @@ class ReplicaCore:
     def prepare(self, req: EngineRequest) -> tuple[list[int], SamplingParams, str | None]:
         """Token ids, sampling parameters and adapter of a request; raises InvalidRequestError."""
         adapter_id = self.resolve_adapter(req.get("model"))
+        check_prompt_size(req, self.max_input_chars, self.engine.max_model_len)
         ids = self._prompt_ids(req)
         truncate = req.get("truncate")
         if truncate is not None:
@@ -138,15 +191,24 @@ class ReplicaCore:
             raise InvalidRequestError("parameters", str(exc)) from exc
         return ids, params, adapter_id
 
+    async def prepare_off_loop(self, req: EngineRequest) -> tuple[list[int], SamplingParams, str | None]:
+        """`prepare`, in a worker thread unless the prompt is small (see INLINE_PREPARE_CHARS)."""
+        if prompt_chars(req) <= INLINE_PREPARE_CHARS:
+            return self.prepare(req)
+        # The size check first, here: a prompt over the limit is refused without waiting for a worker.
+        check_prompt_size(req, self.max_input_chars, self.engine.max_model_len)
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, self.prepare, req)
+
     # ---- running ------------------------------------------------------------------------------
     async def outputs(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request, with its metrics recorded when it ends (any way)."""
         arrival = req.get("arrival") or time.time()
         label = self._adapter_label(self.resolve_adapter(req.get("model")))
         try:
-            ids, params, adapter_id = self.prepare(req)
-        except EngineError as exc:
-            self.metrics.record(label, status_label(error_info(exc)["kind"]))
+            ids, params, adapter_id = await self.prepare_off_loop(req)
+        except Exception as exc:
+            self.metrics.record(label, status_label(error_info(exc)["kind"]) if isinstance(exc, EngineError)
+                                else "error")
             raise
         status = "aborted"  # unless we see the end: cancelled (client gone) or closed early
         first: float | None = None
@@ -163,8 +225,8 @@ class ReplicaCore:
                 if out.finished:
                     status = "ok" if out.finish_reason in FINISHED_OK else "aborted"
                 yield out
-        except EngineError as exc:
-            status = status_label(error_info(exc)["kind"])
+        except Exception as exc:
+            status = status_label(error_info(exc)["kind"]) if isinstance(exc, EngineError) else "error"
             raise
         finally:
             end = time.time()
@@ -194,8 +256,8 @@ class ReplicaCore:
                         prefill = [token_dict(t) for t in out.prefill]
                 if out.finished:
                     final = out
-        except EngineError as exc:
-            return {"error": error_info(exc)}
+        except Exception as exc:  # an unexpected one too: its text goes to the log, not to the client
+            return {"error": error_info(exc, req.get("request_id"))}
         if final is None:
             return {"error": error_info(EngineError("the request ended without a result"))}
         result = _final_fields(final)
@@ -253,7 +315,7 @@ class ReplicaCore:
                     if item is None:
                         done = True
                     elif isinstance(item, BaseException):
-                        chunk.append({"error": error_info(item)})
+                        chunk.append({"error": error_info(item, req.get("request_id"))})
                         done = True
                     else:
                         chunk.append(_delta(item))
@@ -273,15 +335,15 @@ class ReplicaCore:
 
     # ---- introspection ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
+        """What the public routes (/info, /v1/models) show: adapter ids, never their sources or the
+        model's path (those are on the authenticated admin API only), and the request limits."""
         engine = self.engine
-        describe = getattr(engine, "adapter_info", None)  # newer engines; else the pool's own listing
-        adapters = describe() if describe is not None else engine.pool.describe()
         return {
             "model_id": self.served_name,
-            "model_path": str(engine.model_dir),
             "model_dtype": self.config.dtype,
             "model_device_type": str(self.config.device).split(":")[0],
             "max_model_len": engine.max_model_len,
+            "max_input_chars": self.max_input_chars,
             "max_new_tokens_limit": self.config.max_new_tokens_limit,
             "max_num_seqs": self.config.max_num_seqs,
             "max_num_batched_tokens": self.config.max_num_batched_tokens,
@@ -292,7 +354,10 @@ class ReplicaCore:
             "max_lora_rank": self.config.max_lora_rank,
             "block_size": self.config.block_size,
             "has_chat_template": bool(getattr(engine.tokenizer, "chat_template", None)),
-            "adapters": adapters,
+            # base_model_mismatch: the adapter's config names another base model (it is still served);
+            # which one, and where the adapter came from, only the admin API shows.
+            "adapters": [{"id": a["id"], "base_model_mismatch": bool(a.get("base_model_mismatch", False))}
+                         for a in engine.adapter_info()],
             "replica": self.replica_id,
             "started": self.started,
         }
@@ -365,6 +430,7 @@ class ReplicaCore:
         raise InvalidRequestError("op", f"unknown admin operation {op!r}")
 
     def shutdown(self) -> None:
+        self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,8 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle, DeploymentResponse
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.types import ASGIApp
 
 from serve_app.admin import AdminConfig
@@ -29,9 +29,11 @@ from serve_app.autoscaling import engine_load_stats
 from serve_app.core import DEFAULT_STREAM_MESSAGES_PER_S, EngineRequest, ReplicaCore, engine_alive
 from serve_app.demo import resolve_model
 from serve_app.errors import ApiError
+from serve_app.handle_errors import HandleFailure, handle_failure, timeout_failure
 from serve_app.http_app import create_app
+from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
 from serve_app.router import STATS_ADAPTERS, STATS_LOAD
-from serve_app.settings import engine_config_from_dict
+from serve_app.settings import DEFAULT_REQUEST_TIMEOUT_S, engine_config_from_dict
 
 log = logging.getLogger("serve_app")
 
@@ -43,7 +45,12 @@ def _replica_id() -> str:
         return uuid.uuid4().hex[:8]
 
 
-@serve.deployment(name="ModelReplica", health_check_period_s=10, graceful_shutdown_timeout_s=10)
+# Health checks: a crashed replica process fails its next check at once, so the period is how long
+# the controller takes to notice (and start a replacement); 2 s instead of Serve's 10. The timeout is
+# for a replica that hangs: its check runs on the replica's event loop, which a busy engine thread on
+# a loaded CPU can slow to seconds, and 3 misses in a row restart it, so it stays generous (Serve: 30).
+@serve.deployment(name="ModelReplica", health_check_period_s=2, health_check_timeout_s=15,
+                  graceful_shutdown_timeout_s=10)
 class ModelReplica:
     """Owns one Engine (base model once + adapter slots + KV cache) and serves dict requests."""
 
@@ -62,7 +69,8 @@ class ModelReplica:
         extra = tuple(a for a in config.adapters if a.adapter_id not in {r.adapter_id for r in resolved.adapters})
         config = replace(config, model=resolved.path, adapters=resolved.adapters + extra)
         rate = float(options.get("stream_messages_per_s", DEFAULT_STREAM_MESSAGES_PER_S))
-        self.core = ReplicaCore(config, resolved.served_name, _replica_id(), stream_messages_per_s=rate)
+        self.core = ReplicaCore(config, resolved.served_name, _replica_id(), stream_messages_per_s=rate,
+                                max_input_chars=options.get("max_input_chars"))
         log.info("model replica %s ready: %s with %d adapters", self.core.replica_id, resolved.path,
                  len(config.adapters))
 
@@ -132,20 +140,46 @@ def oldest_waiting_age_s(engine: Any) -> float:
 
 
 class HandleBackend:
-    """The Backend (serve_app/backends.py) over a DeploymentHandle to ModelReplica."""
+    """The Backend (serve_app/backends.py) over a DeploymentHandle to ModelReplica.
+
+    Every call is bounded by `request_timeout_s` (serve_app/settings.py): a non-streamed request
+    must be answered within it, a stream must deliver its first chunk and then each next chunk
+    within it. Serve's handle queues a request while no replica can take it (all restarting, say)
+    and would wait without bound; on the deadline the call is cancelled and the client gets 503.
+    Failures of the handle call are mapped by serve_app/handle_errors.py (plain messages, no
+    actor ids, pids or tracebacks); the details are logged here.
+
+    A request whose replica died before it returned anything (a non-streamed request, or a stream
+    before its first chunk) is sent again, once, when a probe of the other replicas finds a healthy
+    one: the client has seen nothing of it yet and nothing of it survives on the dead replica, so
+    the second attempt is invisible except for latency. Not retried: a stream after its first chunk
+    (the client already has tokens; it gets an in-band error event), a timeout (the replica may
+    still be working on it), overload and every other failure; and not when no healthy replica
+    answers the probe (a single replica restarting): then the client gets 503 at once rather than
+    waiting out the restart.
+    """
 
     # Per-adapter handles kept (handle.options() builds a new handle object each call); beyond this
     # many distinct adapters the rest get a fresh one per request.
     MAX_CACHED_HANDLES = 4096
+    # The probe for a healthy replica before a retry: how long it may take, and how long its answer
+    # is reused (a dead replica fails all its requests at once: one probe answers them all).
+    PROBE_TIMEOUT_S = 3.0
+    PROBE_TTL_S = 1.0
+    CONTROL_TIMEOUT_S = 10.0  # info, health and metrics calls: answer quickly or report the replicas down
 
-    def __init__(self, handle: DeploymentHandle, tag_adapter: bool = False) -> None:
+    def __init__(self, handle: DeploymentHandle, tag_adapter: bool = False,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
         self.handle = handle
         self.stream_handle = handle.options(stream=True)
         # With adapter-affinity routing (serve_app/router.py) each call carries its adapter id as the
         # handle's multiplexed_model_id: the router reads it from the request metadata. Off with
         # Serve's default router, whose multiplexing logic would wait for replicas to report the id.
         self.tag_adapter = tag_adapter
+        self.request_timeout_s = float(request_timeout_s)
         self._tagged: dict[tuple[str, bool], DeploymentHandle] = {}
+        self._probe: asyncio.Future[bool] | None = None
+        self._probe_at = -math.inf
 
     def _handle_for(self, req: EngineRequest, stream: bool) -> DeploymentHandle:
         base = self.stream_handle if stream else self.handle
@@ -161,47 +195,132 @@ class HandleBackend:
         return handle
 
     @staticmethod
-    async def _await(response: DeploymentResponse) -> Any:
+    async def _await(response: DeploymentResponse, timeout_s: float) -> Any:
+        """The response's result within `timeout_s` (asyncio.TimeoutError otherwise). Cancelled or timed
+        out, the replica call is cancelled too (which aborts the request in the engine)."""
         try:
-            return await response
-        except asyncio.CancelledError:
-            response.cancel()  # the client went away: cancel the replica call (aborts the request)
+            return await asyncio.wait_for(response, timeout=max(0.0, timeout_s))
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            response.cancel()
             raise
-        except BackPressureError as exc:
-            raise ApiError(f"the model replicas' queues are full; retry later ({exc})", kind="overloaded") from exc
+
+    def _failed(self, what: str, req: EngineRequest | None, exc: BaseException, failure: HandleFailure,
+                retry: bool = False) -> None:
+        """Log a failed handle call with everything the client is not told."""
+        request_id = (req or {}).get("request_id", "-")
+        outcome = "retrying once on another replica" if retry else f"answering {failure.info['kind']}"
+        # A RayTaskError's text carries the replica-side traceback; Ray's own errors name the actor.
+        log.warning("%s %s failed (%s); %s: %s", what, request_id, outcome, type(exc).__name__, exc)
+
+    async def _retry_elsewhere(self, failure: HandleFailure, deadline: float) -> bool:
+        """Whether a failed request should be sent again (see the class docstring)."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        return failure.replica_lost and remaining > 0 and await self._healthy_replica(min(remaining, self.PROBE_TIMEOUT_S))
+
+    async def _healthy_replica(self, timeout_s: float) -> bool:
+        """Whether some live replica answers its health call now (one probe shared by concurrent callers)."""
+        now = asyncio.get_running_loop().time()
+        if self._probe is None or now - self._probe_at > self.PROBE_TTL_S:
+            self._probe_at = now
+            self._probe = asyncio.ensure_future(self._probe_health(timeout_s))
+        return await asyncio.shield(self._probe)
+
+    async def _probe_health(self, timeout_s: float) -> bool:
+        try:
+            results = await self.handle.broadcast("health").results_async(timeout_s=timeout_s, return_exceptions=True)
+        except Exception:  # no replica known to the router, a timeout, or no broadcast in this Serve
+            return False
+        return any(isinstance(r, dict) and r.get("ok") for r in results)
 
     async def generate(self, req: EngineRequest) -> dict[str, Any]:
-        return await self._await(self._handle_for(req, stream=False).generate.remote(req))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout_s  # for both attempts together
+        retried = False
+        while True:
+            try:
+                return await self._await(self._handle_for(req, stream=False).generate.remote(req),
+                                         deadline - loop.time())
+            except asyncio.CancelledError:
+                raise
+            except asyncio.TimeoutError as exc:
+                failure = timeout_failure(self.request_timeout_s)
+                self._failed("request", req, exc, failure)
+                return {"error": failure.info}
+            except Exception as exc:
+                failure = handle_failure(exc)
+                retry = not retried and await self._retry_elsewhere(failure, deadline)
+                self._failed("request", req, exc, failure, retry)
+                if not retry:
+                    return {"error": failure.info}
+                retried = True
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[list[dict[str, Any]]]:
-        gen = self._handle_for(req, stream=True).generate_stream.remote(req)
-        done = False
+        """Chunks from the replica; a failure ends the stream with an {"error": ErrorInfo} item."""
+        loop = asyncio.get_running_loop()
+        # The first chunk (over both attempts) by this deadline; each next one within the timeout of
+        # asking for it (not of the last chunk: a slow-reading client must not time its stream out).
+        first_deadline = loop.time() + self.request_timeout_s
+        for attempt in (1, 2):
+            gen: DeploymentResponseGenerator | None = None
+            delivered = done = False
+            try:
+                gen = self._handle_for(req, stream=True).generate_stream.remote(req)
+                while not done:
+                    wait_s = self.request_timeout_s if delivered else first_deadline - loop.time()
+                    try:
+                        chunk = await asyncio.wait_for(gen.__anext__(), timeout=max(0.0, wait_s))
+                    except StopAsyncIteration:
+                        done = True  # ended without a final delta: the HTTP layer reports it incomplete
+                        return
+                    done = bool(chunk) and bool(chunk[-1].get("finished") or "error" in chunk[-1])
+                    delivered = True
+                    yield chunk
+                return
+            except asyncio.TimeoutError as exc:
+                failure = timeout_failure(self.request_timeout_s)
+                self._failed("stream", req, exc, failure)
+            except Exception as exc:
+                failure = handle_failure(exc)
+                retry = not delivered and attempt == 1 and await self._retry_elsewhere(failure, first_deadline)
+                self._failed("stream", req, exc, failure, retry)
+                if retry:
+                    continue
+            finally:
+                if gen is not None and not done:
+                    # Closed early (client disconnected), failed or timed out: cancel the replica's
+                    # generator, which closes the engine stream and aborts the request there.
+                    gen.cancel()
+            yield [{"error": failure.info}]
+            return
+
+    async def _control(self, response: DeploymentResponse, timeout_s: float) -> Any:
+        """A control call's result (info, health, a snapshot), or ApiError with a plain message."""
         try:
-            async for chunk in gen:
-                if chunk and (chunk[-1].get("finished") or "error" in chunk[-1]):
-                    done = True
-                yield chunk
-        except BackPressureError as exc:
-            raise ApiError(f"the model replicas' queues are full; retry later ({exc})", kind="overloaded") from exc
-        finally:
-            if not done:
-                # Closed early (client disconnected): cancel the replica's generator, which closes
-                # the engine stream and aborts the request there (its KV blocks are freed).
-                gen.cancel()
+            return await self._await(response, timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except asyncio.TimeoutError as exc:
+            failure = timeout_failure(timeout_s)
+            self._failed("control call", None, exc, failure)
+        except Exception as exc:
+            failure = handle_failure(exc)
+            self._failed("control call", None, exc, failure)
+        raise ApiError(failure.info["message"], kind=failure.info["kind"])
 
     async def info(self) -> dict[str, Any]:
-        return await self._await(self.handle.info.remote())
+        return await self._control(self.handle.info.remote(), min(self.CONTROL_TIMEOUT_S, self.request_timeout_s))
 
     async def health(self) -> dict[str, Any]:
-        return await asyncio.wait_for(self._await(self.handle.health.remote()), timeout=10.0)
+        return await self._control(self.handle.health.remote(), min(self.CONTROL_TIMEOUT_S, self.request_timeout_s))
 
     async def snapshots(self) -> list[dict[str, Any]]:
         """One snapshot from every live replica (Serve broadcast), not just one the router picks."""
         try:
-            results = await self.handle.broadcast("snapshot").results_async(timeout_s=10.0, return_exceptions=True)
+            results = await self.handle.broadcast("snapshot").results_async(
+                timeout_s=self.CONTROL_TIMEOUT_S, return_exceptions=True)
         except Exception:  # broadcast is an alpha API: fall back to whichever replica answers
             log.warning("broadcast failed; /metrics shows one replica", exc_info=True)
-            results = [await self._await(self.handle.snapshot.remote())]
+            results = [await self._control(self.handle.snapshot.remote(), self.CONTROL_TIMEOUT_S)]
         return [r for r in results if isinstance(r, dict)]
 
     async def admin(self, op: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -211,11 +330,20 @@ class HandleBackend:
         sees which replicas did not apply the change. Loads may download from the Hub: long timeout.
         """
         timeout = 600.0 if op == "load" else 30.0
-        results = await self.handle.broadcast("admin", op, payload).results_async(
-            timeout_s=timeout, return_exceptions=True)
-        return [r if isinstance(r, dict) else
-                {"replica": f"#{i}", "error": {"kind": "error", "message": f"{type(r).__name__}: {r}"}}
-                for i, r in enumerate(results)]
+        try:
+            results = await self.handle.broadcast("admin", op, payload).results_async(
+                timeout_s=timeout, return_exceptions=True)
+        except Exception as exc:
+            failure = handle_failure(exc)
+            self._failed(f"admin {op}", None, exc, failure)
+            raise ApiError(failure.info["message"], kind=failure.info["kind"]) from None
+        return [r if isinstance(r, dict) else self._admin_failure(i, op, r) for i, r in enumerate(results)]
+
+    def _admin_failure(self, index: int, op: str, exc: BaseException) -> dict[str, Any]:
+        failure = handle_failure(exc)
+        self._failed(f"admin {op}", None, exc, failure)
+        kind = "unavailable" if failure.info["kind"] == "unavailable" else "error"
+        return {"replica": f"#{index}", "error": {"kind": kind, "message": failure.info["message"]}}
 
 
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
@@ -225,9 +353,10 @@ class Ingress:
     because its routes need this replica's DeploymentHandle; FastAPI's class-based views would add a
     second validation layer whose 422 bodies are not TGI's or OpenAI's error shapes."""
 
-    def __init__(self, model: DeploymentHandle, max_body_bytes: int = 4 * 1024 * 1024,
-                 affinity_routing: bool = False, admin: AdminConfig | None = None) -> None:
-        self.backend = HandleBackend(model, tag_adapter=affinity_routing)
+    def __init__(self, model: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 affinity_routing: bool = False, admin: AdminConfig | None = None,
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
+        self.backend = HandleBackend(model, tag_adapter=affinity_routing, request_timeout_s=request_timeout_s)
         self.max_body_bytes = max_body_bytes
         self.admin = admin or AdminConfig()  # validated again here: enabled without a token refuses to start
 

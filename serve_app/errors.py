@@ -8,6 +8,8 @@ replica turns each into an `ErrorInfo` dict instead, and the ingress maps its `k
 from __future__ import annotations
 
 import json
+import logging
+import re
 from typing import Any, TypedDict
 
 from starlette.responses import JSONResponse
@@ -17,6 +19,7 @@ from engine.errors import (
     EngineDeadError,
     EngineError,
     InvalidRequestError,
+    NonFiniteOutputError,
     OverloadedError,
     UnknownAdapterError,
 )
@@ -41,7 +44,26 @@ _MAP: dict[str, tuple[int, str, int, str, str | None]] = {
     "generation": (424, "generation", 500, "server_error", None),
     "incomplete": (500, "incomplete_generation", 500, "server_error", None),
     "unavailable": (503, "unhealthy", 503, "server_error", None),
+    "unsupported_media": (415, "validation", 415, "invalid_request_error", None),
+    "internal": (500, "internal", 500, "server_error", "internal_error"),
 }
+
+log = logging.getLogger("serve_app")
+INTERNAL_ERROR_MESSAGE = "internal error; see the server log"
+ENGINE_STOPPED_MESSAGE = "the model replica's engine stopped; retry the request"
+# An absolute filesystem path ("/home/u/adapters/x/adapter_config.json"): engine messages about files
+# (a failed adapter read) name them, and public responses must not. Hub ids ("org/name") are kept.
+_FS_PATH = re.compile(r"(?<![\w.~/-])/(?:[^\s/'\"`():,;<>]+/)+[^\s/'\"`():,;<>]*")
+
+
+def without_paths(message: str) -> str:
+    return _FS_PATH.sub("<path>", message)
+
+
+def unknown_adapter_message(adapter_id: str) -> str:
+    """Names the id the client sent, never the other adapters (they may be other tenants')."""
+    shown = adapter_id if len(adapter_id) <= 80 else adapter_id[:77] + "..."
+    return f"adapter_id: unknown adapter {shown!r}; GET /v1/models lists the adapters this server serves"
 
 
 class ApiError(Exception):
@@ -52,23 +74,37 @@ class ApiError(Exception):
         self.info = ErrorInfo(message=message, kind=kind, error_type=_MAP[kind][1], field=field)
 
 
-def error_info(exc: BaseException) -> ErrorInfo:
-    """The ErrorInfo for an engine (or any) exception."""
+def error_info(exc: BaseException, request_id: str | None = None) -> ErrorInfo:
+    """The ErrorInfo for an engine (or any) exception: its text only where it is meant for the client.
+
+    An exception this module does not know is a bug or an internal failure: its text (which may hold
+    a traceback, paths, pids or addresses) goes to the log, the client gets INTERNAL_ERROR_MESSAGE.
+    """
     if isinstance(exc, ApiError):
         return exc.info
     if isinstance(exc, UnknownAdapterError):
-        return ErrorInfo(message=str(exc), kind="unknown_adapter", error_type="validation", field="adapter_id")
+        return ErrorInfo(message=unknown_adapter_message(exc.adapter_id), kind="unknown_adapter",
+                         error_type="validation", field="adapter_id")
     if isinstance(exc, InvalidRequestError):
         return ErrorInfo(message=str(exc), kind="validation", error_type="validation", field=exc.field)
     if isinstance(exc, OverloadedError):
         return ErrorInfo(message=str(exc), kind="overloaded", error_type="overloaded", field=None)
     if isinstance(exc, AdapterLoadError):
-        return ErrorInfo(message=str(exc), kind="adapter_load", error_type="generation", field="adapter_id")
-    if isinstance(exc, EngineDeadError):
-        return ErrorInfo(message=str(exc), kind="unavailable", error_type="generation", field=None)
+        return ErrorInfo(message=without_paths(str(exc)), kind="adapter_load", error_type="generation",
+                         field="adapter_id")
+    if isinstance(exc, NonFiniteOutputError):
+        # Not the client's fault but the adapter's: a generation error (TGI 424) naming the adapter
+        # (a dynamic adapter's id may be a directory: paths are masked as everywhere else).
+        field = "adapter_id" if exc.adapter_id is not None else None
+        return ErrorInfo(message=without_paths(str(exc)), kind="generation", error_type="generation", field=field)
+    if isinstance(exc, EngineDeadError):  # its text is the step loop's own exception: for the log only
+        log.error("request %s: %s", request_id or "-", exc)
+        return ErrorInfo(message=ENGINE_STOPPED_MESSAGE, kind="unavailable", error_type="generation", field=None)
     if isinstance(exc, EngineError):
-        return ErrorInfo(message=str(exc), kind="generation", error_type="generation", field=None)
-    return ErrorInfo(message=f"{type(exc).__name__}: {exc}", kind="generation", error_type="generation", field=None)
+        return ErrorInfo(message=without_paths(str(exc)), kind="generation", error_type="generation", field=None)
+    log.error("request %s failed with an unexpected error", request_id or "-", exc_info=exc)
+    shown = INTERNAL_ERROR_MESSAGE + (f" (request id {request_id})" if request_id else "")
+    return ErrorInfo(message=shown, kind="internal", error_type="internal", field=None)
 
 
 def status_label(kind: str) -> str:
@@ -84,8 +120,21 @@ def tgi_error_body(info: ErrorInfo) -> dict[str, Any]:
     return {"error": info["message"], "error_type": _MAP.get(info["kind"], _MAP["generation"])[1]}
 
 
+# Seconds a client should wait before retrying (the Retry-After header, RFC 9110), by kind: a lost
+# model replica is replaced by another, or restarted, within seconds.
+RETRY_AFTER_S: dict[str, int] = {"unavailable": 5}
+
+
+def error_headers(info: ErrorInfo, headers: dict[str, str] | None = None) -> dict[str, str] | None:
+    """`headers` plus Retry-After when the error's kind has one."""
+    retry_after = RETRY_AFTER_S.get(info["kind"])
+    if retry_after is None:
+        return headers
+    return {**(headers or {}), "Retry-After": str(retry_after)}
+
+
 def tgi_error(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(tgi_error_body(info), status_code=tgi_status(info), headers=headers)
+    return JSONResponse(tgi_error_body(info), status_code=tgi_status(info), headers=error_headers(info, headers))
 
 
 # OpenAI names some fields differently; errors should name the field the client sent.
@@ -109,7 +158,8 @@ def openai_error_body(info: ErrorInfo, prompt_field: str = "prompt") -> dict[str
 
 
 def openai_error(info: ErrorInfo, prompt_field: str = "prompt") -> JSONResponse:
-    return JSONResponse(openai_error_body(info, prompt_field), status_code=openai_status(info))
+    return JSONResponse(openai_error_body(info, prompt_field), status_code=openai_status(info),
+                        headers=error_headers(info))
 
 
 def sse(data: Any) -> bytes:

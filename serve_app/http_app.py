@@ -8,7 +8,7 @@ Serve ingress (serve_app/deployments.py) and in-process over a LocalBackend (tes
 
 from __future__ import annotations
 
-import json
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -21,9 +21,11 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from engine import EngineError
 from serve_app import openai_api, tgi
-from serve_app.admin import AdminConfig, admin_routes
+from serve_app.admin import AdminApi, AdminConfig, admin_routes
 from serve_app.backends import Backend
+from serve_app.core import EngineRequest, check_prompt_size
 from serve_app.errors import (
     ApiError,
     ErrorInfo,
@@ -34,7 +36,9 @@ from serve_app.errors import (
     tgi_error,
     tgi_error_body,
 )
+from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard
 from serve_app.metrics import render_prometheus
+from serve_app.validation import parse_json_body
 
 VERSION = "0.1.0"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -71,32 +75,49 @@ class HttpCounter:
         await self.app(scope, receive, counting_send)
 
 
-async def _read_json(request: Request, max_bytes: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise ApiError(f"request body too large ({length} bytes; limit {max_bytes})", kind="too_large")
+# Bodies larger than this are parsed in a worker thread, so that the event loop keeps serving other
+# requests meanwhile (json.loads holds the GIL, but the loop gets it back every switch interval).
+PARSE_INLINE_BYTES = 256 * 1024
+
+
+def _check_content_type(request: Request) -> None:
+    """JSON routes take `application/json` (or any `+json` type); no header at all is accepted too."""
+    value = request.headers.get("content-type")
+    if value is None:
+        return
+    media = value.split(";", 1)[0].strip().lower()
+    if media not in ("application/json", "*/*", "") and not media.endswith("+json"):
+        shown = media if len(media) <= 60 else media[:57] + "..."
+        raise ApiError(f"content-type: expected application/json, got {shown!r}", field="content-type",
+                       kind="unsupported_media")
+
+
+async def _read_json(request: Request) -> Any:
+    """The request's JSON body. Its size limit is RequestGuard's (serve_app/http_guards.py): reading
+    past it raises BodyTooLarge (an ApiError) and stops reading."""
+    _check_content_type(request)
     try:
         raw = await request.body()
     except ClientDisconnect as exc:
         raise ApiError("client disconnected while sending the body") from exc
-    if len(raw) > max_bytes:
-        raise ApiError(f"request body too large ({len(raw)} bytes; limit {max_bytes})", kind="too_large")
-    if not raw.strip():
-        raise ApiError("request body is empty; expected a JSON object")
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"request body is not valid JSON: {exc}") from exc
+    if len(raw) > PARSE_INLINE_BYTES:
+        return await asyncio.to_thread(parse_json_body, raw)
+    return parse_json_body(raw)
+
+
+# After a failed info lookup (no replica up), requests skip the ingress-side prompt check this long.
+INFO_RETRY_S = 5.0
 
 
 class _Api:
-    def __init__(self, backend: Backend, max_body_bytes: int, counts: dict[tuple[str, str], int],
-                 ingress_id: str) -> None:
+    def __init__(self, backend: Backend, counts: dict[tuple[str, str], int], ingress_id: str,
+                 admin: AdminConfig) -> None:
         self.backend = backend
         self.ingress_id = ingress_id
-        self.max_body_bytes = max_body_bytes
         self.counts = counts
+        self.admin_guard = AdminApi(backend, admin)  # /admin/stats answers only what the admin API would
         self._info: dict[str, Any] | None = None
+        self._info_failed_at = -INFO_RETRY_S
 
     async def info_cached(self) -> dict[str, Any]:
         # The static part (model name, limits) never changes for a deployment; cache it.
@@ -104,8 +125,20 @@ class _Api:
             self._info = await self.backend.info()
         return self._info
 
+    async def check_prompt_size(self, ereq: EngineRequest) -> None:
+        """The replica's prompt limits, applied here too, so that an oversized prompt is refused
+        before it crosses to a replica. The replica checks again (it is the authority)."""
+        if self._info is None and time.monotonic() - self._info_failed_at < INFO_RETRY_S:
+            return  # the last lookup failed moments ago: do not make every request wait for another
+        try:
+            info = await self.info_cached()
+        except Exception:  # no replica answers now: the request itself will say so (503 within its timeout)
+            self._info_failed_at = time.monotonic()
+            return
+        check_prompt_size(ereq, info.get("max_input_chars"), info.get("max_model_len"))
+
     async def _first_chunk(
-        self, chunks: AsyncIterator[list[dict[str, Any]]]
+        self, chunks: AsyncIterator[list[dict[str, Any]]], request_id: str
     ) -> tuple[list[dict[str, Any]] | None, ErrorInfo | None]:
         """Wait for the first chunk so that validation errors get a real status code, not an SSE event."""
         try:
@@ -113,7 +146,7 @@ class _Api:
         except StopAsyncIteration:
             return None, error_info(ApiError("the stream ended before the first token", kind="incomplete"))
         except Exception as exc:
-            return None, error_info(exc)
+            return None, error_info(exc, request_id)
         if first and "error" in first[0]:
             return None, first[0]["error"]
         return first, None
@@ -122,17 +155,18 @@ class _Api:
     async def tgi(self, request: Request, stream: bool | None) -> Response:
         request_id = uuid.uuid4().hex
         arrival = time.time()
-        try:
-            treq = tgi.parse_request(await _read_json(request, self.max_body_bytes), stream=stream)
-        except ApiError as exc:
-            return tgi_error(exc.info)
-        ereq = treq.engine_request(request_id, arrival)
         headers = {"x-request-id": request_id}
+        try:
+            treq = tgi.parse_request(await _read_json(request), stream=stream)
+            ereq = treq.engine_request(request_id, arrival)
+            await self.check_prompt_size(ereq)
+        except (ApiError, EngineError) as exc:
+            return tgi_error(error_info(exc), headers)
         if not treq.stream:
             try:
                 result = await self.backend.generate(ereq)
             except Exception as exc:
-                return tgi_error(error_info(exc), headers)
+                return tgi_error(error_info(exc, request_id), headers)
             if "error" in result:
                 return tgi_error(result["error"], headers)
             body: Any = tgi.generate_response(treq, result)
@@ -145,7 +179,7 @@ class _Api:
             return JSONResponse([body] if stream is None else body, headers=headers)
 
         chunks = self.backend.stream(ereq)
-        first, err = await self._first_chunk(chunks)
+        first, err = await self._first_chunk(chunks, request_id)
         if err is not None:
             await chunks.aclose()
             return tgi_error(err, headers)
@@ -178,7 +212,7 @@ class _Api:
                 if not finished:
                     yield sse(tgi_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
             except Exception as exc:  # the replica went away mid-stream: tell the client in-band
-                yield sse(tgi_error_body(error_info(exc)))
+                yield sse(tgi_error_body(error_info(exc, request_id)))
             finally:
                 # Also runs when the client disconnects (Starlette cancels this generator): closing
                 # the backend stream aborts the request in the engine and frees its KV blocks.
@@ -201,27 +235,28 @@ class _Api:
         arrival = time.time()
         prompt_field = "messages" if chat else "prompt"
         try:
-            body = await _read_json(request, self.max_body_bytes)
+            body = await _read_json(request)
             oreq = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
-        except ApiError as exc:
-            return openai_error(exc.info, prompt_field)
+            ereq = oreq.engine_request(request_id, arrival)
+            await self.check_prompt_size(ereq)
+        except (ApiError, EngineError) as exc:
+            return openai_error(error_info(exc), prompt_field)
         try:
             model_name = oreq.model or (await self.info_cached())["model_id"]
         except Exception as exc:
-            return openai_error(error_info(exc), prompt_field)
-        ereq = oreq.engine_request(request_id, arrival)
+            return openai_error(error_info(exc, request_id), prompt_field)
         if not oreq.stream:
             try:
                 result = await self.backend.generate(ereq)
             except Exception as exc:
-                return openai_error(error_info(exc), prompt_field)
+                return openai_error(error_info(exc, request_id), prompt_field)
             if "error" in result:
                 return openai_error(result["error"], prompt_field)
             make = openai_api.chat_response if chat else openai_api.completion_response
             return JSONResponse(make(oreq, result, request_id, model_name), headers={"x-request-id": request_id})
 
         chunks = self.backend.stream(ereq)
-        first, err = await self._first_chunk(chunks)
+        first, err = await self._first_chunk(chunks, request_id)
         if err is not None:
             await chunks.aclose()
             return openai_error(err, prompt_field)
@@ -274,7 +309,7 @@ class _Api:
                 yield sse(openai_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
                 yield b"data: [DONE]\n\n"
             except Exception as exc:
-                yield sse(openai_error_body(error_info(exc), prompt_field))
+                yield sse(openai_error_body(error_info(exc, request_id), prompt_field))
                 yield b"data: [DONE]\n\n"
             finally:
                 await chunks.aclose()
@@ -297,8 +332,9 @@ class _Api:
         base = info["model_id"]
         data = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
                  "parent": None}]
+        # `root` is the adapter's id, not its source: sources are paths, shown on the admin API only.
         data += [{"id": a["id"], "object": "model", "created": created, "owned_by": "loraserve",
-                  "root": a.get("source", a["id"]), "parent": base} for a in info["adapters"]]
+                  "root": a["id"], "parent": base} for a in info["adapters"]]
         return JSONResponse({"object": "list", "data": data})
 
     # ---- service routes -----------------------------------------------------------------------
@@ -328,6 +364,7 @@ class _Api:
             "max_stop_sequences": info["max_stop_sequences"],
             "max_input_tokens": max_len - 1,
             "max_input_length": max_len - 1,
+            "max_input_chars": info["max_input_chars"],
             "max_total_tokens": max_len,
             "max_new_tokens": info["max_new_tokens_limit"],
             "max_top_n_tokens": info["max_top_n_tokens"],
@@ -341,7 +378,8 @@ class _Api:
             "version": VERSION,
             "sha": None,
             "docker_label": None,
-            "adapters": info["adapters"],
+            "adapters": [{"id": a["id"], "base_model_mismatch": bool(a.get("base_model_mismatch", False))}
+                         for a in info["adapters"]],  # ids only: sources are the admin API's
         })
 
     async def metrics(self, request: Request) -> Response:
@@ -352,6 +390,9 @@ class _Api:
         return Response(render_prometheus(snapshots, dict(self.counts), self.ingress_id), media_type=CONTENT_TYPE_LATEST)
 
     async def admin_stats(self, request: Request) -> Response:
+        """Every replica's metrics and engine stats (per-adapter traffic): the admin API's guard applies."""
+        if (refused := self.admin_guard.refuse(request)) is not None:
+            return refused
         try:
             snapshots = await self.backend.snapshots()
         except Exception as exc:
@@ -370,10 +411,10 @@ def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Re
     return handler
 
 
-def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingress_id: str = "local",
+def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ingress_id: str = "local",
                admin: AdminConfig | None = None) -> Starlette:
     counts: dict[tuple[str, str], int] = {}
-    api = _Api(backend, max_body_bytes, counts, ingress_id)
+    api = _Api(backend, counts, ingress_id, admin or AdminConfig())
     routes = [
         Route("/", api.compat, methods=["POST"]),
         Route("/generate", api.generate, methods=["POST"]),
@@ -392,5 +433,6 @@ def create_app(backend: Backend, *, max_body_bytes: int = 4 * 1024 * 1024, ingre
         exception_handlers={404: _not_found_handler("not_found"), 405: _not_found_handler("method")},
     )
     app.state.http_counts = counts
+    app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)  # inside HttpCounter: its 413/500s count
     app.add_middleware(HttpCounter, counts=counts)
     return app

@@ -195,6 +195,8 @@ class SnapshotCollector(Collector):
                                        "device: the slots' allocation)", labels=["replica", "tier"])
         a_count = GaugeMetricFamily(p + "adapters", "Adapters by state (registered, host, device, loading)",
                                     labels=["replica", "state"])
+        nonfinite = CounterMetricFamily(p + "nonfinite_outputs", "Requests stopped because the model produced NaN/Inf "
+                                        "logits, by adapter", labels=["replica", "adapter"])
         http = CounterMetricFamily(p + "http_requests", "HTTP responses of the ingress replica that answered this scrape",
                                    labels=["ingress", "route", "code"])
 
@@ -217,6 +219,9 @@ class SnapshotCollector(Collector):
                 queue.add_metric([r, _label(adapter)], n)
             for adapter, n in e.get("running", {}).items():
                 running_by_adapter.add_metric([r, _label(adapter)], n)
+            # Label values: the engine names at most NONFINITE_ADAPTERS_NAMED adapters, then "__other__".
+            for adapter, n in e.get("nonfinite_by_adapter", {}).items():
+                nonfinite.add_metric([r, _label(adapter)], n)
             running.add_metric([r], e.get("num_running", 0))
             last_batch.add_metric([r], e.get("last_batch_seqs", 0))
             max_batch.add_metric([r], e.get("max_batch_seqs", 0))
@@ -253,7 +258,7 @@ class SnapshotCollector(Collector):
             requests, gen_tokens, prompt_tokens, ttft, tpot, latency, batch, queue, running_by_adapter, running,
             last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, chunks, deltas,
             replicas, http, a_hits, a_misses, a_loads, a_load_failures, a_evictions, a_load_seconds, a_bytes,
-            a_capacity, a_count,
+            a_capacity, a_count, nonfinite,
         )
 
 

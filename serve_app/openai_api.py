@@ -2,7 +2,8 @@
 
 `model` names the adapter (the base model's id, or no model, means the base model), as TGI's and
 vLLM's OpenAI routes do. Features that would change the output and are not implemented (n > 1,
-presence_penalty, logit_bias, tools, JSON mode, ...) are a 400 naming the field.
+presence_penalty, logit_bias, tools, ...) are a 400 naming the field. `response_format` (JSON mode,
+JSON schema; serve_app/grammar_params.py) constrains the output on both routes, as in vLLM.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from typing import Any
 from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from serve_app.core import EngineRequest
 from serve_app.errors import ApiError
+from serve_app.grammar_params import response_format
 from serve_app.validation import (
     check_range,
+    get_adapter_id,
     get_bool,
     get_float,
     get_int,
@@ -24,6 +27,7 @@ from serve_app.validation import (
     get_str,
     reject_unknown,
     require_object,
+    shown,
 )
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
@@ -34,12 +38,13 @@ _COMMON = {
     # extensions vLLM and TGI accept as well
     "top_k", "repetition_penalty",
 }
-COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
+COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix", "response_format"}
 CHAT_FIELDS = _COMMON | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
     "function_call", "response_format", "parallel_tool_calls",
 }
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 on the replica; the vocabulary bound is checked there
 
 
 @dataclass
@@ -73,7 +78,7 @@ class OpenAIRequest:
 
 def _unsupported(body: Mapping[str, Any], key: str, allowed: Sequence[Any] = (None,)) -> None:
     if body.get(key) not in allowed:
-        raise ApiError(f"{key}: not supported by this server (got {body.get(key)!r})", field=key)
+        raise ApiError(f"{key}: not supported by this server (got {shown(body.get(key))})", field=key)
 
 
 def _sampling(body: Mapping[str, Any], max_tokens: int | None) -> dict[str, Any]:
@@ -137,6 +142,9 @@ def parse_completion(body: Any) -> OpenAIRequest:
         if not prompt:
             raise ApiError("prompt: must not be empty", field="prompt")
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if min(prompt) < 0 or max(prompt) > MAX_TOKEN_ID:
+            bad = min(prompt) if min(prompt) < 0 else max(prompt)
+            raise ApiError(f"prompt: token ids must be in [0, {MAX_TOKEN_ID}], got {shown(bad)}", field="prompt")
         prompt = list(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1:
         raise ApiError("prompt: batches of prompts are not supported; send one prompt per request", field="prompt")
@@ -157,8 +165,9 @@ def parse_completion(body: Any) -> OpenAIRequest:
     stream, include_usage = _stream_flags(body)
     params = _sampling(body, max_tokens)
     params["top_n_tokens"] = logprobs or 0
+    params["grammar"] = response_format(body.get("response_format"))
     return OpenAIRequest(
-        chat=False, model=get_str(body, "model") or None, stream=stream, include_usage=include_usage,
+        chat=False, model=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
         prompt=prompt, echo=echo, logprobs=logprobs, default_max_new_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
         params=params,
     )
@@ -170,7 +179,7 @@ def _message(i: int, m: Any) -> dict[str, Any]:
         raise ApiError(f"{where}: must be an object with `role` and `content`", field="messages")
     role = m.get("role")
     if role not in ROLES:
-        raise ApiError(f"{where}.role: must be one of {sorted(ROLES)}, got {role!r}", field="messages")
+        raise ApiError(f"{where}.role: must be one of {sorted(ROLES)}, got {shown(role)}", field="messages")
     content = m.get("content")
     if isinstance(content, list):  # content parts: only text parts are supported
         texts = []
@@ -199,9 +208,6 @@ def parse_chat(body: Any) -> OpenAIRequest:
         _unsupported(body, key, (None, []))
     for key in ("tool_choice", "function_call"):
         _unsupported(body, key, (None, "none"))
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, Mapping) or fmt.get("type") != "text"):
-        raise ApiError("response_format: only {\"type\": \"text\"} is supported", field="response_format")
     get_bool(body, "parallel_tool_calls")
     want_logprobs = bool(get_bool(body, "logprobs"))
     top_logprobs = get_int(body, "top_logprobs", minimum=0, maximum=MAX_TOP_N_TOKENS)
@@ -213,8 +219,9 @@ def parse_chat(body: Any) -> OpenAIRequest:
     stream, include_usage = _stream_flags(body)
     params = _sampling(body, max_tokens)
     params["top_n_tokens"] = top_logprobs or 0
+    params["grammar"] = response_format(body.get("response_format"))
     return OpenAIRequest(
-        chat=True, model=get_str(body, "model") or None, stream=stream, include_usage=include_usage,
+        chat=True, model=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
         messages=parsed, logprobs=(top_logprobs or 0) if want_logprobs else None, params=params,
     )
 

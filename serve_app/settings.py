@@ -2,6 +2,13 @@
 
 Every key is checked: an unknown key is an error that lists the known ones, so a typo in
 config.yaml fails at deploy time instead of silently running with a default.
+
+`request_timeout_s` (default 60, like nginx's `proxy_read_timeout` in front of TGI) bounds how long
+the ingress waits for a model replica: a non-streamed request must be answered within it, a
+streamed one must get its first chunk within it and then each next chunk within it. A request
+that waits longer (no replica reachable: all of them restarting, or one hung) is cancelled on the
+replica and answered 503 with Retry-After, instead of waiting without bound. Raise it for long
+non-streamed generations on slow hardware (or stream them).
 """
 
 from __future__ import annotations
@@ -13,6 +20,9 @@ from typing import Any
 
 from engine.config import DTYPES, AdapterSpec, EngineConfig
 from serve_app.admin import AdminConfig, resolve_admin_token
+from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
+
+DEFAULT_REQUEST_TIMEOUT_S = 60.0  # `request_timeout_s`: see the module docstring
 
 # Engine knobs that can be set from the app args, with the engine's own defaults.
 ENGINE_KEYS: tuple[str, ...] = (
@@ -109,7 +119,11 @@ class AppSettings:
     affinity_imbalance_threshold: float = 8.0  # requests a holder may be busier than the least loaded
     routing_stats_period_s: float = 1.0  # how often replicas advertise resident adapters + load
     route_prefix: str = "/"  # where `python -m serve_app` mounts the app (config.yaml: the app's route_prefix)
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # per request body, checked while it streams in (413 beyond)
+    # Longest prompt in characters (chat: roles + contents), refused with 422/400 before tokenizing;
+    # None: max_model_len x 8 (serve_app/core.py CHARS_PER_TOKEN_BOUND). Shown in /info.
+    max_input_chars: int | None = None
+    request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the longest wait for a model replica
     # Adapter admin API (serve_app/admin.py): off by default; on, it needs a bearer token, from
     # `admin_token` or LORASERVE_ADMIN_TOKEN (resolved in from_args: enabled without one fails the deploy).
     admin_enabled: bool = False
@@ -157,9 +171,13 @@ class AppSettings:
             adapters_value = env["LORA_ADAPTERS"]
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
         kwargs["model"] = str(kwargs.get("model", "demo"))
-        for name in ("model_replicas", "ingress_replicas", "max_body_bytes"):
-            if name in kwargs and (not isinstance(kwargs[name], int) or kwargs[name] < 1):
+        for name in ("model_replicas", "ingress_replicas", "max_body_bytes", "max_input_chars"):
+            if name in kwargs and (isinstance(kwargs[name], bool) or not isinstance(kwargs[name], int)
+                                   or kwargs[name] < 1):
                 raise ValueError(f"{name} must be a positive integer, got {kwargs[name]!r}")
+        timeout = kwargs.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
+            raise ValueError(f"request_timeout_s must be a positive number of seconds, got {timeout!r}")
         settings = AppSettings(adapters=parse_adapters(adapters_value), engine=engine, **kwargs)
         # Fail here, in the builder, rather than in every replica's constructor.
         settings.engine_config(settings.model, settings.adapters).validate()

@@ -13,13 +13,14 @@ from typing import Any
 from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
 from serve_app.core import EngineRequest
 from serve_app.errors import ApiError
+from serve_app.grammar_params import tgi_grammar
 from serve_app.validation import (
     check_range,
+    get_adapter_id,
     get_bool,
     get_float,
     get_int,
     get_stop,
-    get_str,
     reject_unknown,
     require_object,
 )
@@ -67,7 +68,7 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
     inputs = body.get("inputs")
     if not isinstance(inputs, str):
         raise ApiError(f"inputs: must be a string, got {type(inputs).__name__}", field="inputs")
-    if not inputs.strip():
+    if not inputs or inputs.isspace():  # not strip(): that would copy a multi-megabyte prompt
         raise ApiError("inputs: must not be empty", field="inputs")
     body_stream = get_bool(body, "stream")
     is_stream = bool(body_stream) if stream is None else stream
@@ -81,8 +82,6 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
         raise ApiError(f"best_of: values other than 1 are not supported, got {best_of}", field="best_of")
     if get_bool(p, "watermark"):
         raise ApiError("watermark: watermarking is not supported", field="watermark")
-    if p.get("grammar") is not None:
-        raise ApiError("grammar: guided generation (grammar) is not supported", field="grammar")
 
     # TGI's validation rules (router/src/validation.rs).
     temperature = get_float(p, "temperature")
@@ -116,8 +115,9 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
         raise ApiError("decoder_input_details: `decoder_input_details` == true is not supported when streaming tokens",
                        field="decoder_input_details")
     return_full_text = bool(get_bool(p, "return_full_text"))
-    adapter_id = get_str(p, "adapter_id")
+    adapter_id = get_adapter_id(p, "adapter_id")
     do_sample = bool(get_bool(p, "do_sample"))
+    grammar = tgi_grammar(p.get("grammar"))
 
     # TGI samples when asked to or when any logits warper is set (temperature != 1, top-k/p, typical-p).
     warpers = (temperature not in (None, 1.0)) or top_k is not None or top_p is not None or typical_p is not None
@@ -135,10 +135,11 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
         "include_stop_str_in_output": True,  # TGI keeps the stop sequence in generated_text
         "top_n_tokens": top_n_tokens,
         "prompt_logprobs": decoder_input_details,
+        "grammar": grammar,
     }
     return TgiRequest(
         inputs=inputs,
-        adapter_id=adapter_id or None,
+        adapter_id=adapter_id,
         stream=is_stream,
         details=details,
         decoder_input_details=decoder_input_details,

@@ -46,8 +46,11 @@ ADAPTERS = [a[0] for a in DEMO_ADAPTERS]
 PROMPT = "The quick brown fox"
 
 # Small engine + quick autoscaling so a burst on 2 shared CPU cores crosses the target within seconds.
+ADMIN_TOKEN = "autoscaling-e2e-admin-token"  # GET /admin/stats is behind the admin API's guard
 BASE_ARGS: dict[str, Any] = {
     "model": "demo",
+    "admin_enabled": True,
+    "admin_token": ADMIN_TOKEN,
     "dtype": "float32",
     "device": "cpu",
     "num_kv_blocks": 256,
@@ -237,7 +240,8 @@ def test_loadtest_smoke(serve_instance: ServeInstance, tmp_path: Path) -> None:
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "loadtests.run_loadtest", "--scenario", "burst", "--host", serve_instance.url,
            "--duration", "30", "--users", "12", "--max-requests", "3000", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "LORASERVE_ADMIN_TOKEN": ADMIN_TOKEN}  # the runner samples GET /admin/stats with it
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in ("report.html", "summary.md", "summary.json", "requests_per_s.png", "latency.png", "ttft.png",
@@ -263,7 +267,8 @@ def test_loadtest_smoke(serve_instance: ServeInstance, tmp_path: Path) -> None:
 def _replica_counts(url: str) -> tuple[dict[str, set[str]], dict[tuple[str, str], int]]:
     """From every replica's snapshot: its device-resident adapters, and requests per (replica, adapter)
     counted by the replica itself (any final status)."""
-    replicas = httpx.get(f"{url}/admin/stats", timeout=30).json()["replicas"]
+    replicas = httpx.get(f"{url}/admin/stats", timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["replicas"]
     device: dict[str, set[str]] = {}
     counts: dict[tuple[str, str], int] = {}
     for snap in replicas:

@@ -386,7 +386,8 @@ def test_bad_inputs_then_good_request(server: Server, ref_engine: Engine) -> Non
 
 # ---- 4. a client that goes away mid-stream frees its KV blocks ----------------------------------
 def _engine_stats(url: str) -> dict[str, Any]:
-    replicas = httpx.get(f"{url}/admin/stats", timeout=30).json()["replicas"]
+    replicas = httpx.get(f"{url}/admin/stats", timeout=30,
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["replicas"]
     assert len(replicas) == 1
     return dict(replicas[0]["engine"])
 

@@ -245,10 +245,13 @@ def test_tgi_malformed_bodies(http: Http, raw: bytes) -> None:
 
 
 def test_truncate_keeps_the_prompt_tail(http: Http, core: ReplicaCore) -> None:
-    r = http.post("/generate", json={"inputs": LONG_PROMPT, "parameters": {"max_new_tokens": 4, "truncate": 16,
-                                                                           "details": True}})
+    # Over the token limit (512) but within the character limit (512 x 8) that is checked before tokenizing.
+    prompt = "word " * 700
+    assert len(core.engine.tokenize(prompt)) > 512 and len(prompt) <= core.max_input_chars
+    r = http.post("/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 4, "truncate": 16,
+                                                                      "details": True}})
     assert r.status_code == 200, r.text
-    ids = core.engine.tokenize(LONG_PROMPT)[-16:]
+    ids = core.engine.tokenize(prompt)[-16:]
     assert r.json()["generated_text"] == run(core.engine.complete(ids, SamplingParams(max_new_tokens=4))).generated_text
 
 

@@ -15,12 +15,31 @@ import tempfile
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from serve_app.demo import build_demo
 from tests.test_serve_e2e import PROMPT, REPO, _free_port, _stop, _wait_healthy
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(400)]
+
+
+def _loopback(ip: str) -> bool:
+    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
+
+
+def _listening_addresses(pid: int) -> list[tuple[int, str, int, str]]:
+    """(pid, ip, port, process name) of every listening TCP socket of `pid` and its descendants."""
+    root = psutil.Process(pid)
+    found = []
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            sockets = process.net_connections(kind="tcp")
+            name = process.name()
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+        found += [(process.pid, c.laddr.ip, c.laddr.port, name) for c in sockets if c.status == psutil.CONN_LISTEN]
+    return found
 
 
 def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
@@ -47,6 +66,13 @@ def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
         outs = [httpx.post(f"{url}/generate", timeout=60, json={
             "inputs": PROMPT, "parameters": {"adapter_id": a, "max_new_tokens": 8}}).json() for a in ("extra", "qv-r4")]
         assert outs[0] == outs[1]
+        # --hostname 127.0.0.1: the launcher's Ray instance (GCS, raylet, agents, workers) listens on loopback
+        # only. The exception, bound to [::] in Ray Serve's own code: each replica's inter-deployment gRPC
+        # server, which Ray's token authentication (on) guards.
+        listening = _listening_addresses(proc.pid)
+        outside = [entry for entry in listening if not _loopback(entry[1])]
+        assert listening and all(name.startswith("ray::ServeReplica") for _pid, _ip, _port, name in outside), outside
+        assert all(psutil.Process(pid).environ().get("RAY_AUTH_MODE") == "token" for pid, *_ in outside)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

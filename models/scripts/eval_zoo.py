@@ -48,7 +48,7 @@ def zoo_engine(zoo: Path, **overrides: int) -> object:
 
     config = dict(
         max_adapter_slots=len(TASKS), max_lora_rank=16, max_num_seqs=512, max_num_batched_tokens=16384,
-        num_kv_blocks=4096, max_waiting=100_000,
+        num_kv_blocks=4096, max_waiting=100_000, max_queue_wait_s=None,  # offline batch: no queue deadline
     )
     config.update(overrides)
     adapters = tuple(AdapterSpec(t.name, str(zoo / "adapters" / t.name)) for t in TASKS)

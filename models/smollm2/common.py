@@ -39,6 +39,7 @@ def make_engine(model_dir: Path, adapters: dict[str, Path] | None = None, **over
         adapters=tuple(AdapterSpec(name, str(path)) for name, path in (adapters or {}).items()),
         max_lora_rank=16, max_adapter_slots=8, dtype="float32",
         max_num_seqs=64, max_num_batched_tokens=1024, num_kv_blocks=1024, block_size=16,
+        max_queue_wait_s=None,  # evaluations submit every question at once: no queue deadline
     )
     cfg.update(overrides)
     return Engine(EngineConfig(**cfg))

@@ -1,0 +1,325 @@
+"""Structured output benchmarks (issue 16).
+
+    python -m loadtests.bench_grammar --libraries   # xgrammar vs llguidance vs outlines-core: mask cost, compile time
+    python -m loadtests.bench_grammar               # engine throughput, grammars on vs off, one run (SmolLM2)
+    python -m loadtests.bench_grammar --quick       # a small smoke run of the throughput comparison
+
+`--libraries` is how the library was chosen. Each candidate runs in its own subprocess (fresh caches,
+a wall-clock limit) with SmolLM2-135M's tokenizer (49,152 tokens) and measures:
+
+- tokenizer info: building the library's view of the vocabulary (once per server);
+- cold compile: one moderately complex JSON schema (nested objects, arrays of objects, enum, integer
+  bounds, a string pattern, a format, optional fields), compiled by a fresh compiler, no cache;
+- mask fill at batch 64: 64 matchers of that schema, each at a different point of a valid document,
+  fill one [64, vocab] bitmask per step with the library's batched API (outlines-core has none: a
+  loop over its guides), then each matcher accepts its next token;
+- apply: the [64, vocab] bitmask applied to float32 logits with one tensor op.
+
+The throughput mode serves SmolLM2 (adapters json-answer, bullets, all-caps, answer-prefix and the
+base) with the same requests twice in one process: once without grammar, once with a JSON schema
+per request (5 schemas, greedy, fixed max_new_tokens), and reports generated tokens/s and the ratio.
+Results go to --out (markdown + JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LIBRARIES = ("xgrammar", "llguidance", "outlines-core")
+BATCH = 64
+STEPS = 200
+LIBRARY_TIMEOUT_S = 600
+
+# A moderately complex schema: what an extraction or tool-call endpoint sends.
+ORDER_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "order_id": {"type": "integer", "minimum": 0},
+        "customer": {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": 40},
+                "email": {"type": "string", "format": "email"},
+                "tier": {"enum": ["free", "pro", "enterprise"]},
+            },
+            "required": ["name", "tier"],
+        },
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "sku": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                    "quantity": {"type": "integer", "minimum": 1, "maximum": 99},
+                    "price": {"type": "number"},
+                },
+                "required": ["sku", "quantity"],
+            },
+            "minItems": 1,
+            "maxItems": 8,
+        },
+        "gift": {"type": "boolean"},
+        "note": {"type": "string", "maxLength": 80},
+    },
+    "required": ["order_id", "customer", "items"],
+}
+ORDER_DOCUMENT = json.dumps({
+    "order_id": 1042,
+    "customer": {"name": "Ada Lovelace", "email": "ada@example.org", "tier": "pro"},
+    "items": [{"sku": "ABC-1234", "quantity": 2, "price": 19.5}, {"sku": "XYZ-0001", "quantity": 1}],
+    "gift": False,
+    "note": "Leave at the door, please.",
+})  # json.dumps' separators (", ", ": "): what the compact grammars of the three libraries produce
+
+
+def smollm2_tokenizer_dir() -> Path:
+    from serve_app.demo import resolve_model
+
+    return Path(resolve_model("smollm2").path)
+
+
+# ---- one library, in its own process -------------------------------------------------------------
+def _byte_level_vocab(tokenizer: Any) -> dict[bytes, list[int]]:
+    """Token bytes of a GPT-2 style byte-level BPE vocabulary (SmolLM2's), special tokens left out."""
+    # GPT-2's byte-to-character table: printable bytes stand for themselves, the others for 256, 257, ...
+    byte_values = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    char_codes = list(byte_values)
+    for b in range(256):
+        if b not in byte_values:
+            byte_values.append(b)
+            char_codes.append(256 + len(char_codes) - 188)
+    decode = {chr(c): b for b, c in zip(byte_values, char_codes)}
+    special = set(tokenizer.all_special_ids)
+    out: dict[bytes, list[int]] = {}
+    for text, token_id in tokenizer.get_vocab().items():
+        if token_id in special:
+            continue
+        out.setdefault(bytes(decode[ch] for ch in text), []).append(token_id)
+    return out
+
+
+class _Candidate:
+    """The three operations measured, over one library's API."""
+
+    def __init__(self, name: str, tokenizer: Any, vocab_size: int, eos: int, threads: int) -> None:
+        self.name, self.tokenizer, self.vocab_size, self.eos, self.threads = name, tokenizer, vocab_size, eos, threads
+
+    def build_tokenizer_info(self) -> None:
+        if self.name == "xgrammar":
+            import xgrammar as xgr
+
+            self.info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                          stop_token_ids=[self.eos])
+            self.batch = xgr.BatchGrammarMatcher(max_threads=self.threads)
+        elif self.name == "llguidance":
+            import llguidance
+            import llguidance.hf
+
+            self.info = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size, eos_token=self.eos)
+            self.executor = llguidance.LLExecutor(num_threads=self.threads)
+        else:
+            from outlines_core import Vocabulary
+
+            self.info = Vocabulary(self.eos, _byte_level_vocab(self.tokenizer))
+
+    def compile(self, schema: str) -> Any:
+        if self.name == "xgrammar":
+            import xgrammar as xgr
+
+            compiler = xgr.GrammarCompiler(self.info, max_threads=self.threads, cache_enabled=False)
+            return compiler.compile_json_schema(schema, any_whitespace=False)
+        if self.name == "llguidance":
+            import llguidance
+
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.info)
+            if is_error:
+                raise ValueError(messages[0])
+            return grammar
+        from outlines_core import Index
+        from outlines_core.json_schema import build_regex_from_schema
+
+        return Index(build_regex_from_schema(schema), self.info)
+
+    def matcher(self, compiled: Any) -> Any:
+        if self.name == "xgrammar":
+            import xgrammar as xgr
+
+            return xgr.GrammarMatcher(compiled)
+        if self.name == "llguidance":
+            import llguidance
+
+            return llguidance.LLMatcher(self.info, compiled, log_level=0)
+        from outlines_core import Guide
+
+        return Guide(compiled)
+
+    def accept(self, matcher: Any, token_id: int) -> bool:
+        if self.name == "xgrammar":
+            return bool(matcher.accept_token(token_id))
+        if self.name == "llguidance":
+            return bool(matcher.consume_token(token_id))
+        matcher.advance(token_id)
+        return True
+
+    def fill(self, matchers: list[Any], bitmask: torch.Tensor) -> None:
+        if self.name == "xgrammar":
+            self.batch.batch_fill_next_token_bitmask(matchers, bitmask)
+        elif self.name == "llguidance":
+            import llguidance.torch
+
+            llguidance.torch.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)],
+                                                         bitmask)
+        else:
+            row_bytes = bitmask.shape[1] * 4
+            for i, guide in enumerate(matchers):
+                guide.write_mask_into(bitmask.data_ptr() + i * row_bytes, bitmask.shape[1], 4)
+
+
+def _measure_library(name: str, threads: int) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    from engine.grammar import apply_bitmask
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
+    vocab_size = len(tokenizer)
+    cand = _Candidate(name, tokenizer, vocab_size, int(tokenizer.eos_token_id), threads)
+    t0 = time.perf_counter()
+    cand.build_tokenizer_info()
+    info_s = time.perf_counter() - t0
+    schema = json.dumps(ORDER_SCHEMA)
+    t0 = time.perf_counter()
+    compiled = cand.compile(schema)
+    compile_s = time.perf_counter() - t0
+    # Some work is lazy (llguidance builds its lexer with the matcher): the time to the first mask is the
+    # cold cost a request sees.
+    first = torch.zeros(1, (vocab_size + 31) // 32, dtype=torch.int32)
+    cand.fill([cand.matcher(compiled)], first)
+    first_mask_s = time.perf_counter() - t0
+
+    doc = tokenizer.encode(ORDER_DOCUMENT, add_special_tokens=False)
+    matchers, positions = [], []
+    for i in range(BATCH):  # each matcher at its own point of the document
+        m = cand.matcher(compiled)
+        start = (i * 7) % (len(doc) - 1)
+        for t in doc[:start]:
+            assert cand.accept(m, t), f"{name} refused a token of a valid document"
+        matchers.append(m)
+        positions.append(start)
+    bitmask = torch.zeros(BATCH, (vocab_size + 31) // 32, dtype=torch.int32)
+    logits = torch.randn(BATCH, vocab_size)
+    fill_ms: list[float] = []
+    accept_us: list[float] = []
+    apply_ms: list[float] = []
+    for _ in range(STEPS):
+        t0 = time.perf_counter()
+        cand.fill(matchers, bitmask)
+        fill_ms.append((time.perf_counter() - t0) * 1e3)
+        work = logits.clone()
+        t0 = time.perf_counter()
+        apply_bitmask(work, bitmask)
+        apply_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        for i, m in enumerate(matchers):
+            token = doc[positions[i]]
+            allowed = (int(bitmask[i, token // 32]) >> (token % 32)) & 1
+            assert allowed, f"{name}: the document's next token is masked out"
+            assert cand.accept(m, token)
+            positions[i] += 1
+            if positions[i] == len(doc):  # the end of the document: start over
+                matchers[i] = cand.matcher(compiled)
+                positions[i] = 0
+        accept_us.append((time.perf_counter() - t0) * 1e6 / BATCH)
+    fill_ms.sort()
+    return {
+        "library": name,
+        "version": _version(name),
+        "tokenizer_info_s": round(info_s, 3),
+        "cold_compile_s": round(compile_s, 4),
+        "first_mask_s": round(first_mask_s, 4),
+        "fill_ms_median": round(statistics.median(fill_ms), 3),
+        "fill_ms_p95": round(fill_ms[int(0.95 * len(fill_ms))], 3),
+        "apply_ms_median": round(statistics.median(apply_ms), 3),
+        "accept_us_median": round(statistics.median(accept_us), 2),
+        "threads": threads,
+    }
+
+
+def _version(name: str) -> str:
+    from importlib.metadata import version
+
+    return version(name)
+
+
+def compare_libraries(out: Path, threads: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in LIBRARIES:
+        cmd = [sys.executable, "-m", "loadtests.bench_grammar", "--library-worker", name, "--threads", str(threads)]
+        print(f"measuring {name} ...", flush=True)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LIBRARY_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            rows.append({"library": name, "error": f"did not finish within {LIBRARY_TIMEOUT_S} s"})
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if proc.returncode != 0 or not lines:
+            rows.append({"library": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]})
+            continue
+        rows.append(json.loads(lines[-1]))
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"batch": BATCH, "steps": STEPS, "vocab": "SmolLM2-135M (49152)", "threads": threads,
+            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    (out / "libraries.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    table = [
+        "| library | version | tokenizer info s | cold compile s | compile + first mask s "
+        "| mask fill ms/step (batch 64) median / p95 | apply ms/step | accept µs/token |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        if "error" in r:
+            table.append(f"| {r['library']} | | | | | {r['error']} | | |")
+            continue
+        table.append(
+            f"| {r['library']} | {r['version']} | {r['tokenizer_info_s']:.2f} | {r['cold_compile_s']:.3f} "
+            f"| {r['first_mask_s']:.3f} "
+            f"| {r['fill_ms_median']:.2f} / {r['fill_ms_p95']:.2f} | {r['apply_ms_median']:.2f} "
+            f"| {r['accept_us_median']:.1f} |"
+        )
+    text = "\n".join(table) + (
+        f"\n\nSchema: ORDER_SCHEMA in loadtests/bench_grammar.py; {BATCH} matchers at different points of a valid "
+        f"document, {STEPS} steps; {threads} thread(s); load average at the end {meta['load_average'][0]:.2f}; "
+        f"{meta['date']}.\n"
+    )
+    (out / "libraries.md").write_text(text)
+    print(text)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--libraries", action="store_true", help="compare the candidate grammar libraries")
+    parser.add_argument("--library-worker", choices=LIBRARIES, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("loadtests/results/grammar"))
+    args = parser.parse_args()
+    if args.library_worker:
+        print(json.dumps(_measure_library(args.library_worker, args.threads)))
+        return
+    if args.libraries:
+        compare_libraries(args.out, args.threads)
+        return
+
+
+if __name__ == "__main__":
+    main()
