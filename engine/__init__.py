@@ -15,7 +15,7 @@ from engine.errors import (
     UnknownAdapterError,
 )
 from engine.outputs import RequestOutput, TokenInfo
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import GrammarSpec, SamplingParams
 
 __all__ = [
     "AdapterLoadError",
@@ -24,6 +24,7 @@ __all__ = [
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
+    "GrammarSpec",
     "InvalidRequestError",
     "NonFiniteOutputError",
     "OverloadedError",

@@ -9,6 +9,11 @@ still multiplies its value, and 0 * NaN is NaN, so a padded read of another sequ
 batch-mate whose adapter produced NaN/Inf, or a freed block's stale contents) would poison the row
 even though the mask hides it. Hence `padded_kv_slots` pads with each row's own position 0, and
 no read ever reaches past a row's length into the unwritten tail of its last block.
+
+Two paths attend over the cache: the torch path below (gathers each row's K/V into a padded batch,
+then SDPA; the reference and test oracle) and, on the CPU, the native op of `engine.cpu_attention`,
+which reads each row's K/V once, in place, through the block tables (`PagedRows`) and never reads a
+padded slot at all. The model runner picks one per engine and builds only that path's metadata.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from engine import cpu_attention
 
 
 class KVCache:
@@ -63,6 +70,21 @@ def padded_kv_slots(
     return torch.where(valid, slots, slots[:, :1]).to(device)
 
 
+def block_table_tensor(tables: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
+    """[n, longest table] int64 block tables, -1 past each sequence's last block (never a real block)."""
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([[*t, *([-1] * (width - len(t)))] for t in tables], dtype=torch.long, device=device)
+
+
+@dataclass(frozen=True)
+class PagedRows:
+    """The native path's view of a step: row r of the batch is position `positions[r]` of the sequence
+    whose block table is `block_tables[row_seq[r]]`; it attends to that sequence's positions up to its own."""
+
+    block_tables: torch.Tensor  # [N, max_blocks] int64, -1 past each sequence's last block
+    row_seq: torch.Tensor  # [T] int64
+
+
 @dataclass
 class PrefillSpan:
     """A chunk of one sequence's prompt in this step: rows [start, start+length) of the batch."""
@@ -93,6 +115,8 @@ class AttentionBatch:
     prefills: list[PrefillSpan]
     num_prefill_tokens: int
     decode_groups: list[DecodeGroup]
+    # Set when the native op attends (then `prefills` and `decode_groups` are empty: torch path only).
+    paged_rows: PagedRows | None = None
 
 
 def paged_attention(
@@ -112,6 +136,13 @@ def paged_attention(
     k_cache, v_cache = kv.k[layer], kv.v[layer]
     k_cache.index_copy_(0, attn.slot_mapping, k)
     v_cache.index_copy_(0, attn.slot_mapping, v)
+    if attn.paged_rows is not None:
+        op = cpu_attention.native_op()
+        if op is None:
+            raise RuntimeError("a batch built for the native attention op reached an engine without it")
+        rows = attn.paged_rows
+        return op(q, k_cache, v_cache, rows.block_tables, rows.row_seq, attn.positions, kv.block_size, scale,
+                  sliding_window or 0)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for span in attn.prefills:

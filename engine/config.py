@@ -72,6 +72,16 @@ class EngineConfig:
     # weighted share of max_waiting, up to this many more in all (None: max(1, max_waiting // 8)),
     # so a flood from one adapter (or many) fills the queue only for the floods, never for the rest.
     max_waiting_slack: int | None = None
+    # Prefill first for adapters under their share ("fair" policy): when an adapter's queue fills
+    # again while others are backlogged (its demand is served as it comes, a flood's is not), its
+    # waiting requests have their prompts run in a step of their own, with other such adapters'
+    # prompts only; running sequences wait that one step, never two in a row. Its time to first token
+    # beside floods is then the step under way plus a short prefill step, not a full step of the
+    # floods' decodes and prompt chunks on top of its own prompt.
+    under_share_prefill_first: bool = True
+    # vLLM's long_prefill_token_threshold: the most tokens one sequence runs in one step (0: only
+    # max_num_batched_tokens bounds it), so a long prompt is spread over more, shorter steps.
+    long_prefill_token_threshold: int = 0
     # deadlines (None: none). A request still without its first token this long after it arrived
     # fails with QueueTimeoutError (HTTP 503) and frees its queue seat; 60 s: a client retrying
     # after a 503 does better than one waiting minutes in a queue that is not draining.
@@ -140,6 +150,11 @@ class EngineConfig:
             raise ValueError(f"max_waiting_per_adapter must be >= 1 or None, got {self.max_waiting_per_adapter}")
         if self.max_waiting_slack is not None and self.max_waiting_slack < 0:
             raise ValueError(f"max_waiting_slack must be >= 0 or None, got {self.max_waiting_slack}")
+        if not isinstance(self.under_share_prefill_first, bool):
+            raise ValueError(f"under_share_prefill_first must be true or false, got {self.under_share_prefill_first!r}")
+        threshold = self.long_prefill_token_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be an integer >= 0 (0: off), got {threshold!r}")
         for name in ("max_queue_wait_s", "request_timeout_s"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):

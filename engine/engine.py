@@ -152,6 +152,8 @@ class Engine:
             fair_share=FairShare(config.adapter_weights, config.prefill_token_cost, config.decode_token_cost),
             max_waiting_per_adapter=config.max_waiting_per_adapter,
             waiting_slack=config.waiting_slack,
+            under_share_prefill_first=config.under_share_prefill_first,
+            long_prefill_token_threshold=config.long_prefill_token_threshold,
         )
         self.runner = ModelRunner(self.model, self.kv, self.blocks, self.pool.slots, LoraOps(config.lora_backend), self.device)
         self.counters = EngineCounters()
@@ -604,6 +606,7 @@ class Engine:
                 "queue_timeouts": c.queue_timeouts,
                 "request_timeouts": c.request_timeouts,
                 "scheduling_policy": self.scheduler.policy,
+                "prefill_first_steps": self.scheduler.prefill_first_steps,
                 # per adapter ("" = base): weight, VTC counter, tokens served, admissions, rejections,
                 # timeouts, queue waits (sum and max over admitted requests)
                 "fairness": self.scheduler.fair.snapshot(),

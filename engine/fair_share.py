@@ -9,6 +9,10 @@ much either sends. A tenant whose queue goes from empty to non-empty is lifted t
 counter among the backlogged tenants (to where the last one left when there are none): time spent
 idle banks no credit, and service received is never forgiven.
 
+A tenant whose queue fills again while others are backlogged is under its share: its own demand was
+served as it came, while theirs exceeded what they got (a flood keeps a queue). It stays so until its
+next admission; the scheduler gives such tenants' new requests their first step early.
+
 Tokens are charged when the scheduler puts them in a batch, each position of a sequence once: the
 recompute of a preempted sequence is the scheduler's doing, not service its tenant received.
 """
@@ -39,6 +43,8 @@ class TenantAccount:
     request_timeouts: int = 0
     queue_wait_s_sum: float = 0.0  # arrival -> first admission, over `admitted` requests
     queue_wait_s_max: float = 0.0
+    # Its queue filled again while others were backlogged, and it was not admitted since.
+    under_share: bool = False
     recent_admissions: deque[float] = field(default_factory=lambda: deque(maxlen=ADMISSION_RATE_WINDOW))
 
 
@@ -74,12 +80,24 @@ class FairShare:
         """`key`'s queue just went from empty to non-empty; `backlogged` are the tenants already waiting."""
         levels = [self.account(k).service for k in backlogged if k != key]
         acct = self.account(key)
+        # Under its share only next to a backlog: with no one else waiting there is no share to be under.
+        acct.under_share = bool(levels)
         acct.service = max(acct.service, min(levels) if levels else self._floor)
 
     def left_backlog(self, key: str | None, backlog_empty: bool) -> None:
         """`key`'s queue just emptied; when no tenant waits any more, remember where the last one was."""
+        acct = self.account(key)
+        acct.under_share = False
         if backlog_empty:
-            self._floor = max(self._floor, self.account(key).service)
+            self._floor = max(self._floor, acct.service)
+
+    def under_share(self, key: str | None) -> bool:
+        """Whether `key`'s queue filled again while others were backlogged and it has not been admitted since."""
+        return self.account(key).under_share
+
+    def admitted(self, key: str | None) -> None:
+        """`key` had a request admitted (first time or after preemption): it is served again, not behind."""
+        self.account(key).under_share = False
 
     def charge(self, seq: Sequence, num_tokens: int) -> None:
         """Charge the `num_tokens` positions from `seq.num_computed` that were never charged before."""

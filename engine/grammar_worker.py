@@ -15,6 +15,7 @@ Protocol over stdin/stdout, one frame per message: 4-byte big-endian length, the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import resource
@@ -26,6 +27,13 @@ NICE = 10
 # Address space the compiler may add to what the process holds after importing xgrammar (and torch).
 COMPILE_MEMORY_BYTES = 4 << 30
 COMPILE_THREADS = 2
+# JSON Schema keywords xgrammar 0.2 ignores: a schema using one is refused (422) rather than producing
+# output that does not validate. (`minContains` needs `contains`, so it is covered by it.)
+IGNORED_KEYWORDS = ("uniqueItems", "contains", "dependentRequired", "dependentSchemas", "if", "then", "else")
+# Nor does it apply minLength / maxLength to a string that also has a `pattern`.
+LENGTH_KEYWORDS = ("minLength", "maxLength")
+_VALUE_KEYWORDS = frozenset({"const", "enum", "default", "examples", "description", "title", "required"})
+_NAMED_SUBSCHEMAS = frozenset({"properties", "$defs", "definitions", "patternProperties"})
 # xgrammar prefixes its messages with a timestamp and a C++ source location: not for the client.
 _CPP_PREFIX = re.compile(r"^\[[\d:.]+\]\s+\S+:\d+:\s*")
 
@@ -48,6 +56,35 @@ def clean_message(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     lines = [_CPP_PREFIX.sub("", line).strip() for line in text.splitlines()]
     return " ".join(line for line in lines if line)[:500]
+
+
+def unsupported_feature(node: object, where: str = "#") -> str | None:
+    """The first schema feature the compiler would silently ignore, as a message naming where it is."""
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            found = unsupported_feature(item, f"{where}/{i}")
+            if found:
+                return found
+        return None
+    if not isinstance(node, dict):
+        return None
+    for key in IGNORED_KEYWORDS:
+        if key in node and not (key == "uniqueItems" and node[key] is False):
+            return f"the keyword {key!r} (at {where}) is not supported"
+    if "pattern" in node and any(k in node for k in LENGTH_KEYWORDS):
+        return (f"`pattern` together with minLength/maxLength (at {where}) is not supported; put the length "
+                f"into the pattern, e.g. ^[a-z]{{1,20}}$")
+    for key, value in node.items():
+        if key in _VALUE_KEYWORDS:
+            continue
+        if key in _NAMED_SUBSCHEMAS and isinstance(value, dict):  # {name: subschema}: a name is not a keyword
+            found = next((f for name, sub in value.items() if (f := unsupported_feature(sub, f"{where}/{key}/{name}"))),
+                         None)
+        else:
+            found = unsupported_feature(value, f"{where}/{key}")
+        if found:
+            return found
+    return None
 
 
 def _cap_memory() -> None:
@@ -80,6 +117,9 @@ def main() -> None:
         kind, _, value = request.decode().partition("\n")
         try:
             if kind == "json":
+                problem = unsupported_feature(json.loads(value))
+                if problem:
+                    raise ValueError(problem)
                 # Compact separators with one space after ',' and ':' (json.dumps' default layout): no
                 # free whitespace, which small models would otherwise emit without end.
                 compiled = compiler.compile_json_schema(value, any_whitespace=False, strict_mode=True)

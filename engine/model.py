@@ -1,21 +1,24 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, with LoRA-aware projections.
 
 One file, no framework (gpt-fast style). q/k/v and gate/up are fused into one matmul each; LoRA
-deltas are added into column slices of the fused output through `kernels.LoraOps`.
+deltas are added into column slices of the fused output through `kernels.LoraOps` (on the CPU,
+`engine.cpu_lora`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_linear
 from engine.attention import AttentionBatch, KVCache, paged_attention
 from engine.model_arch import ModelArch
-from kernels.lora_ops import LoraBatch, LoraOps
+from kernels.lora_ops import LoraBatch
 
 # Fused projection -> the LoRA target modules it holds, in column order.
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
@@ -32,13 +35,28 @@ class LoraWeights:
     scaling: torch.Tensor  # [S]
 
 
+class LoraApply(Protocol):
+    """What applies LoRA deltas: `kernels.LoraOps` (Triton / torch reference) or `engine.cpu_lora.NativeLoraOps`."""
+
+    def apply(
+        self,
+        x: torch.Tensor,
+        out: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: torch.Tensor,
+        batch: LoraBatch,
+        slice_offset: int = 0,
+    ) -> None: ...
+
+
 @dataclass
 class LoraContext:
     """What every LoRA layer of one step needs: slot weights, per-token slots, the op dispatcher."""
 
     weights: list[dict[str, LoraWeights]]  # per layer: module name -> slots
     batch: LoraBatch
-    ops: LoraOps
+    ops: LoraApply
 
 
 def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
@@ -89,9 +107,22 @@ class LoraLinear(nn.Module):
         out = sum(slices.values())
         self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None  # oneDNN's copy of the weight once `pack_for_cpu` ran
+
+    def pack_for_cpu(self) -> None:
+        """From now on multiply through oneDNN with a packed copy (engine.cpu_linear).
+
+        The plain weight's memory is released: `weight` keeps its shape and dtype on the meta device,
+        so the model's size still adds up, but its values live only in `packed` from here on.
+        """
+        self.packed = cpu_linear.pack(self.weight)
+        self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None, layer: int) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            out = cpu_linear.linear(x, self.packed, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
         if lora is not None and lora.batch.any_adapter:
             weights = lora.weights[layer]
             offset = 0
@@ -155,6 +186,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(arch, i) for i in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.lm_head_weight: torch.Tensor | None = None  # None when tied to the embedding
+        self.lm_head_packed: torch.Tensor | None = None  # oneDNN's copy (pack_linears_for_cpu)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
 
     @property
@@ -173,6 +205,23 @@ class CausalLM(nn.Module):
             x = layer(x, cos, sin, attn, kv, lora)
         return self.norm(x)
 
+    def pack_linears_for_cpu(self) -> None:
+        """Every projection and the LM head through oneDNN with packed weights (see engine.cpu_linear).
+
+        The LM head is packed as a copy: when it is tied, the embedding lookup still needs the plain one.
+        Packing twice is a no-op.
+        """
+        if self.lm_head_packed is not None:
+            return
+        for layer in self.layers:
+            for proj in (layer.qkv_proj, layer.o_proj, layer.gate_up_proj, layer.down_proj):
+                proj.pack_for_cpu()
+        self.lm_head_packed = cpu_linear.pack(self.lm_head)
+        if self.lm_head_weight is not None:  # untied: nothing else reads the plain copy
+            self.lm_head_weight = torch.empty_like(self.lm_head_weight, device="meta")
+
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None:
+            return cpu_linear.linear(hidden, self.lm_head_packed, None).float()
         return F.linear(hidden, self.lm_head).float()

@@ -12,11 +12,26 @@ among those the adapter holding the fewest seats per weight goes first. An adapt
 KV blocks is passed over, so it does not stop the others, but they may run ahead of it by at most
 one step of service; then admission waits for blocks to free up for it, so it cannot starve. When
 blocks run out mid-step the victim is the newest sequence of the running adapter with the largest
-counter: the one most over its share. When every seat is taken, the adapter next in that order
+counter: the one most over its share; it is admitted again only when the free blocks hold all it had
+(counters move, and two sequences that cannot fit together would otherwise take turns preempting
+each other without end). When every seat is taken, the adapter next in that order
 takes one from the adapter holding the most seats per weight, if that one was served about as much
 or more and keeps at least as many seats per weight (its newest sequence is preempted, as in vLLM's
 priority scheduling): a light adapter beside floods waits a step for a seat, not for a flood's
 long request to end.
+
+Prefill first for adapters under their share (fair policy, `under_share_prefill_first`): an
+adapter whose queue fills again while others are backlogged (its demand is served as it comes, a
+flood's is not; engine/fair_share.py) has its waiting requests admitted in a step of their own: the
+prompts of such adapters only, while sequences are running; those wait that one step (as TGI's
+prefill steps make decodes wait). Its time to first token is then the rest of the step under way plus
+a short prefill step, not a full step of the floods' decodes and chunks on top of its prompt. Never
+two such steps in a row, so running sequences decode at least every other step however many
+adapters arrive under their share. They are admitted smallest counter first, each only within one
+step of service of the smallest counter, and take seats by the rule above.
+
+`long_prefill_token_threshold` (vLLM's name; 0 = off): no sequence runs more than this many tokens
+in one step, so a long prompt is spread over more, shorter steps.
 
 Policy "round_robin", the earlier one, kept for comparison: one admission per adapter queue in
 least-recently-served order, admission stops when a head lacks KV blocks, the newest running
@@ -102,6 +117,8 @@ class Scheduler:
         fair_share: FairShare | None = None,
         max_waiting_per_adapter: int | None = None,
         waiting_slack: int = 0,
+        under_share_prefill_first: bool = True,
+        long_prefill_token_threshold: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if policy not in SCHEDULING_POLICIES:
@@ -114,6 +131,10 @@ class Scheduler:
         self.max_waiting_per_adapter = max_waiting_per_adapter
         self.waiting_slack = waiting_slack
         self.policy = policy
+        self.under_share_prefill_first = under_share_prefill_first
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self._last_step_prefill_first = False
+        self.prefill_first_steps = 0  # steps run for adapters under their share alone (a metric)
         self.fair = fair_share or FairShare()
         self.queues: OrderedDict[str | None, deque[Sequence]] = OrderedDict()
         self.running: list[Sequence] = []
@@ -280,6 +301,13 @@ class Scheduler:
 
     # ---- one step -----------------------------------------------------------------------------
     def schedule(self) -> ScheduledBatch:
+        if self._prefill_first_due():
+            first, seat_preempted = self._admit_under_share()
+            if first:
+                self._last_step_prefill_first = True
+                self.prefill_first_steps += 1
+                return ScheduledBatch(prefills=first, decodes=[], preempted=seat_preempted)
+        self._last_step_prefill_first = False
         budget = self.max_num_batched_tokens
         chosen: list[ScheduledSeq] = []
         preempted: list[Sequence] = []
@@ -289,7 +317,7 @@ class Scheduler:
                 break
             if seq.status is not SeqStatus.RUNNING:  # preempted earlier in this loop to make room
                 continue
-            n = min(seq.remaining, budget)
+            n = self._chunk(seq, budget)
             while not self.blocks.ensure(seq.request_id, seq.num_computed + n):
                 victim = self._victim()
                 self._preempt(victim)
@@ -312,6 +340,59 @@ class Scheduler:
         prefills = [s for s in chosen if not (s.num_tokens == 1 and s.seq.num_computed > 0)]
         decodes = [s for s in chosen if s.num_tokens == 1 and s.seq.num_computed > 0]
         return ScheduledBatch(prefills=prefills, decodes=decodes, preempted=preempted)
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens `seq` runs this step: what it has left, within the budget and long_prefill_token_threshold."""
+        n = min(seq.remaining, budget)
+        cap = self.long_prefill_token_threshold
+        return min(n, cap) if cap > 0 else n
+
+    def _head_fits(self, seq: Sequence, num_tokens: int) -> bool:
+        """Whether the free blocks hold a waiting head's first `num_tokens`; for a preempted one, all the
+        tokens it had and the next (fair policy). Its victim is chosen by counter, and counters move:
+        two sequences that cannot fit together would otherwise take turns preempting each other, and
+        neither finish. Back only when it can run to where it was, it waits until one of them ends."""
+        need = seq.num_tokens + 1 if seq.num_preemptions else seq.num_computed + num_tokens
+        return self.blocks.extra_blocks_needed(seq.request_id, need) <= self.blocks.num_free
+
+    def _prefill_first_due(self) -> bool:
+        return (
+            self.policy == "fair" and self.under_share_prefill_first and not self._last_step_prefill_first
+            and bool(self.running)  # with nothing running, an ordinary step has nothing to make them wait for
+            and any(self.fair.under_share(key) for key in self.queues)
+        )
+
+    def _admit_under_share(self) -> tuple[list[ScheduledSeq], list[Sequence]]:
+        """The step of their own for adapters under their share: their waiting requests, adapter by
+        adapter in fair order, while each stays within one step of service of the smallest counter and
+        budget, seats (taken as in _admit_fair) and blocks last. Running sequences are not in it."""
+        now = self._clock()
+        keys = sorted((key for key in self.queues if self.fair.under_share(key)), key=self._rank)
+        budget = self.max_num_batched_tokens
+        chosen: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+        for key in keys:
+            while key in self.queues and budget > 0:
+                smallest = min(self.fair.service(k) for k in self.queues)
+                if self.fair.service(key) > smallest + self._service_slack / self.fair.weight(key):
+                    break  # served enough for now: the ordinary order decides the rest
+                seq = self.queues[key][0]
+                n = self._chunk(seq, budget)
+                if not self._head_fits(seq, n):
+                    break  # its head does not fit now: the ordinary steps handle it
+                victim = None
+                if len(self.running) >= self.max_num_seqs:
+                    victim = self._seat_victim(key)
+                    if victim is None:
+                        break
+                if not self._start(key, n, chosen, now):
+                    break  # adapter not on the device yet (nobody was preempted for it)
+                budget -= n
+                if victim is not None:  # chosen before the start, so never one of `key`'s own sequences
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    budget += self._unchoose(chosen, victim)
+        return chosen, preempted
 
     @staticmethod
     def _unchoose(chosen: list[ScheduledSeq], seq: Sequence) -> int:
@@ -344,8 +425,8 @@ class Scheduler:
                 preempted.append(victim)
                 budget += self._unchoose(chosen, victim)
             seq = self.queues[key][0]
-            n = min(seq.remaining, budget)
-            if self.blocks.extra_blocks_needed(seq.request_id, seq.num_computed + n) > self.blocks.num_free:
+            n = self._chunk(seq, budget)
+            if not self._head_fits(seq, n):
                 if kv_floor is None:
                     kv_floor = service
                 continue  # its head does not fit: the others go on
@@ -411,7 +492,7 @@ class Scheduler:
                 if key in blocked:
                     continue
                 seq = self.queues[key][0]
-                n = min(seq.remaining, budget)
+                n = self._chunk(seq, budget)
                 if self.blocks.extra_blocks_needed(seq.request_id, seq.num_computed + n) > self.blocks.num_free:
                     return budget  # out of KV: admit nothing more this step
                 if not self._start(key, n, chosen, now):  # adapter not on the device yet: others go on
@@ -432,6 +513,7 @@ class Scheduler:
             slot = got
         self.blocks.ensure(seq.request_id, seq.num_computed + num_tokens)
         self._pop_head(key)
+        self.fair.admitted(key)
         if seq.num_preemptions == 0:
             self.fair.record_admission(key, now - seq.arrival, now)
         seq.adapter_slot = slot

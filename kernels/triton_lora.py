@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.triton_common import dot_precision, upcast_dot
+
 __all__ = ["bgmv_expand", "bgmv_shrink", "sgmv_expand", "sgmv_shrink"]
 
 # When the kernels run under the interpreter (CPU tensors), there is no SM count to query; a small
@@ -71,15 +73,6 @@ def _pick_split_k(useful_programs: int, k_blocks: int, device: torch.device) -> 
     return max(1, min(triton.cdiv(target, max(useful_programs, 1)), k_blocks, _MAX_SPLIT_K))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Float32 LoRA must match PEFT token for token; TF32 (Triton's default for fp32 dots) would not.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _upcast_dot(t: torch.Tensor) -> bool:
-    # Triton's CPU interpreter (3.9) keeps bfloat16 as raw uint16 and feeds those bits to np.matmul;
-    # there we multiply in fp32 instead, which is exact for bf16 products. GPUs keep bf16 tensor cores.
-    return t.dtype == torch.bfloat16 and not t.is_cuda
 
 
 # --------------------------------------------------------------------------------------------------
@@ -498,8 +491,8 @@ def sgmv_shrink(
         BLOCK_M=block_m,
         BLOCK_K=block_k,
         BLOCK_R=rank_pad,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT=_upcast_dot(x),
+        DOT_PRECISION=dot_precision(x.dtype),
+        UPCAST_DOT=upcast_dot(x),
         num_warps=8 if block_m * rank_pad >= 4096 else 4,
         num_stages=3,
     )
@@ -550,8 +543,8 @@ def sgmv_expand(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_R=rank_pad,
-        DOT_PRECISION=_dot_precision(h.dtype),
-        UPCAST_DOT=_upcast_dot(h),
+        DOT_PRECISION=dot_precision(h.dtype),
+        UPCAST_DOT=upcast_dot(h),
         # At 4 warps a 64x128 fp32 accumulator plus the loaded `out` tile (or a 128-wide rank tile)
         # spills registers on sm_90 (ptxas -v); 8 warps halves the per-thread share.
         num_warps=8 if max(block_m * block_n, block_m * rank_pad, rank_pad * block_n) >= 8192 else 4,

@@ -1,6 +1,6 @@
 """Fairness under overload: the same traffic under round-robin and token-fair (VTC) scheduling, one process.
 
-    python -m loadtests.bench_fairness            # about 4 minutes: calibration, B+C alone, round_robin, fair
+    python -m loadtests.bench_fairness            # about 4 minutes: calibration, B+C alone, round_robin, fair x 2
     python -m loadtests.bench_fairness --quick    # about 1 minute, for a smoke run
 
 In-process engine on the demo model (serve_app.demo), four adapters in four roles:
@@ -12,18 +12,33 @@ In-process engine on the demo model (serve_app.demo), four adapters in four role
 Capacity is measured first (A1 and A2 saturating the engine) in weighted tokens per second, the
 unit the fair scheduler counts: prompt tokens + 2 x generated tokens (EngineConfig's
 prefill_token_cost / decode_token_cost). Arrivals are Poisson with a fixed seed, so every policy
-sees the same schedule. "Alone" runs B and C's traffic without A1 and A2. Per policy the window is
+sees the same schedule. "Alone" runs B and C's traffic without A1 and A2. "fair_mixed_steps" is the
+fair policy with under_share_prefill_first off (B's and C's prompts then share a step with the
+floods' decodes and chunks), to show what that rule buys. Per policy the window is
 [warm-up, end of arrivals]; service per adapter comes from Engine.stats()["fairness"] (exactly what
 was scheduled), TTFT and rejection latency from the clients, over the requests that arrived in the
 window (from the scheduled arrival time, so any lag of this process's event loop counts against the
-engine; the time inside Engine.generate() until OverloadedError is shown too). Writes summary.md, summary.json
-and fairness.png to --out and prints the table.
+engine; the time inside Engine.generate() until OverloadedError is shown too). Every model step is
+timed (StepLog), so B's and C's time to first token is split into its parts: the wait for the step
+that ran their prompt (the step under way at arrival, and any more before theirs), that step, and the
+delivery to the client. Writes summary.md, summary.json and fairness.png to --out and prints the table.
+
+Engine settings (ENGINE_OPTIONS, the same for every phase), chosen as a latency-conscious operator
+would: a request that arrives waits out the step under way, so the token budget bounds the longest
+wait (Sarathi-Serve's rule: size the budget by the latency target, not the throughput). With
+max_num_batched_tokens=128 a step carrying a flood's prompt chunk costs about 1.5x one of 32
+decodes only (with 256, about 2x in a run before) at the same throughput; max_num_seqs=32 as before
+(64 seats made every decode step longer for no throughput). Prefill-first for adapters under their
+share is on (the default; "fair_mixed_steps" turns it off). loadtests/results/fairness/latency.md
+has the measurements behind these choices.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
+import itertools
 import json
 import random
 import time
@@ -47,9 +62,10 @@ BUCKET_S = 1.0
 ARRIVAL_TICK_S = 0.005
 CALIBRATION_LIGHT_RATE = 1.0  # requests/s of B and C while capacity is measured
 ENGINE_OPTIONS: dict[str, Any] = dict(
-    max_num_seqs=32, max_num_batched_tokens=256, num_kv_blocks=1024, max_waiting=256, max_waiting_per_adapter=64,
-    prefill_token_cost=PREFILL_COST, decode_token_cost=DECODE_COST,
+    max_num_seqs=32, max_num_batched_tokens=128, num_kv_blocks=1024, max_waiting=256, max_waiting_per_adapter=64,
+    prefill_token_cost=PREFILL_COST, decode_token_cost=DECODE_COST, under_share_prefill_first=True,
 )
+PHASES = ("calibration", "alone", "round_robin", "fair", "fair_mixed_steps")
 BARS = dict(light_ttft_ratio=2.0, flood_share=0.70, rejection_p99_s=0.100, jain=0.95, weight_ratio_tol=0.10)
 
 
@@ -62,6 +78,8 @@ def request_cost(role: str) -> float:
 class Record:
     role: str
     arrival: float  # seconds from phase start
+    request_id: str
+    submitted: float | None = None  # seconds from phase start when Engine.generate was called
     outcome: str = "pending"  # ok / rejected / queue_timeout / error / cancelled
     ttft_s: float | None = None
     rejection_s: float | None = None  # scheduled arrival -> OverloadedError raised
@@ -77,12 +95,53 @@ class Phase:
     window_s: float = 0.0
     steps: int = 0  # engine steps in the window
     timeline: dict[str, list[float]] = field(default_factory=dict)  # weighted tokens per BUCKET_S
+    start: float = 0.0  # perf_counter() at the phase start: arrivals are seconds from here
+    step_log: StepLog | None = None
 
 
-def make_engine(model: Any, policy: str) -> Engine:
+@dataclass(frozen=True)
+class StepRecord:
+    start: float  # perf_counter() around the model step (ModelRunner.run)
+    end: float
+    prefill_seqs: int
+    prefill_tokens: int
+    decodes: int
+    first_tokens: tuple[str, ...]  # request ids whose first token this step samples
+
+    @property
+    def kind(self) -> str:
+        return "decode-only" if not self.prefill_seqs else "prefill-only" if not self.decodes else "mixed"
+
+
+class StepLog:
+    """Times each model step of an engine, with what was in it. Measurement only: it wraps the
+    engine's ModelRunner.run and changes nothing in what runs."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.records: list[StepRecord] = []
+        run = engine.runner.run
+
+        def timed(batch: Any) -> Any:
+            firsts = tuple(s.seq.request_id for s in batch.prefills if s.samples and not s.seq.output_ids)
+            started = time.perf_counter()
+            try:
+                return run(batch)
+            finally:  # appended by the engine's step thread only; read once the phase is over
+                self.records.append(StepRecord(started, time.perf_counter(), len(batch.prefills),
+                                               sum(s.num_tokens for s in batch.prefills), len(batch.decodes), firsts))
+
+        engine.runner.run = timed  # type: ignore[method-assign]
+
+
+def make_engine(model: Any, policy: str, prefill_first: bool = True) -> Engine:
     weights = {ADAPTER_OF[r]: w for r, w in WEIGHTS.items()}
-    return Engine(EngineConfig(model=model.path, adapters=model.adapters, scheduling_policy=policy,
-                               adapter_weights=weights, **ENGINE_OPTIONS))
+    options = {**ENGINE_OPTIONS, "under_share_prefill_first": prefill_first}
+    engine = Engine(EngineConfig(model=model.path, adapters=model.adapters, scheduling_policy=policy,
+                                 adapter_weights=weights, **options))
+    if engine.scheduler.under_share_prefill_first is not prefill_first:  # a phase measures what its name says
+        engine.shutdown()
+        raise RuntimeError("the engine did not pass under_share_prefill_first to its scheduler")
+    return engine
 
 
 def poisson_schedule(rates: dict[str, float], duration: float, seed: int) -> list[tuple[float, str]]:
@@ -111,9 +170,10 @@ async def run_phase(
     engine: Engine, name: str, schedule: list[tuple[float, str]], duration: float, warmup: float, vocab: int,
 ) -> Phase:
     phase = Phase(name, timeline={r: [0.0] * (int(duration / BUCKET_S) + 1) for r in ROLES})
+    phase.step_log = StepLog(engine)
     rng = random.Random(7)
     prompts = {r: [[rng.randrange(8, vocab) for _ in range(SHAPES[r][0])] for _ in range(16)] for r in ROLES}
-    start = time.perf_counter()
+    start = phase.start = time.perf_counter()
     bar = tqdm(total=int(duration), desc=name, unit="s", leave=False)
 
     def bucket(t: float) -> int:
@@ -123,8 +183,9 @@ async def run_phase(
         prompt = prompts[rec.role][i % 16]
         params = SamplingParams(max_new_tokens=SHAPES[rec.role][1], ignore_eos=True)
         called = time.perf_counter()
+        rec.submitted = called - start
         try:
-            async for out in engine.generate(prompt, params, ADAPTER_OF[rec.role]):
+            async for out in engine.generate(prompt, params, ADAPTER_OF[rec.role], request_id=rec.request_id):
                 now = time.perf_counter() - start
                 if rec.ttft_s is None:
                     rec.ttft_s = now - rec.arrival
@@ -143,10 +204,24 @@ async def run_phase(
         except Exception:  # counted, never hidden: a failed request shows up in the table
             rec.outcome = "error"
 
-    tasks: list[asyncio.Task[None]] = []
+    tasks: list[tuple[Record, asyncio.Task[None]]] = []
+    loop = asyncio.get_running_loop()
+    loop_start = loop.time() - (time.perf_counter() - start)
+
+    def launch(rec: Record, i: int) -> None:
+        phase.records.append(rec)
+        tasks.append((rec, asyncio.ensure_future(one(rec, i))))
+
+    # B's and C's arrivals (a few per second) get a timer each, so the tick that batches the floods'
+    # hundreds per second never holds them back; a busy event loop still delays them, and counts.
+    for i, (t, role) in enumerate(schedule):
+        if role in LIGHTS:
+            loop.call_at(loop_start + t, launch, Record(role, t, f"{name}-{i}"), i)
     before: tuple[dict[str, float], dict[str, int], int] | None = None
     window_start = warmup
     for i, (t, role) in enumerate(schedule):
+        if role in LIGHTS:
+            continue
         delay = t - (time.perf_counter() - start)
         if delay > 0:  # arrivals due within one tick go together: one event-loop wake-up, not hundreds
             await asyncio.sleep(max(delay, ARRIVAL_TICK_S))
@@ -156,13 +231,13 @@ async def run_phase(
             window_start = elapsed
         if int(elapsed) > bar.n:
             bar.update(int(elapsed) - bar.n)
-        rec = Record(role, t)
-        phase.records.append(rec)
-        tasks.append(asyncio.create_task(one(rec, i)))
-    if before is None:  # fewer arrivals than the warm-up lasts
+        launch(Record(role, t, f"{name}-{i}"), i)
+    if before is None:  # fewer flood arrivals than the warm-up lasts (or none)
         await asyncio.sleep(max(0.0, warmup - (time.perf_counter() - start)))
         before, window_start = fairness_totals(engine), time.perf_counter() - start
-    await asyncio.sleep(max(0.0, duration - (time.perf_counter() - start)))
+    while (left := duration - (time.perf_counter() - start)) > 0:
+        await asyncio.sleep(min(1.0, left))
+        bar.update(max(0, int(time.perf_counter() - start) - bar.n))
     after = fairness_totals(engine)
     phase.window_s = time.perf_counter() - start - window_start
     phase.service = {r: after[0][r] - before[0][r] for r in ROLES}
@@ -170,13 +245,12 @@ async def run_phase(
     phase.steps = after[2] - before[2]
     bar.close()
     # The light adapters' last requests finish; the floods' backlog is cancelled (aborted in the engine).
-    light = [task for task, rec in zip(tasks, phase.records) if rec.role in LIGHTS]
-    pending = [t for t in light if not t.done()]
+    pending = [task for rec, task in tasks if rec.role in LIGHTS and not task.done()]
     if pending:
         await asyncio.wait(pending, timeout=30)
-    for task in tasks:
+    for _, task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*(task for _, task in tasks), return_exceptions=True)
     return phase
 
 
@@ -245,12 +319,65 @@ def summarize(phase: Phase, rates: dict[str, float], warmup: float) -> dict[str,
             "rejection_call_p99_s": pct([r.rejection_call_s for r in measured if r.rejection_call_s is not None], 0.99),
         }
     out: dict[str, Any] = {"window_s": phase.window_s, "roles": roles,
-                           "mean_step_s": phase.window_s / phase.steps if phase.steps else float("nan")}
+                           "mean_step_s": phase.window_s / phase.steps if phase.steps else float("nan"),
+                           "model_steps": step_summary(phase, warmup),
+                           "ttft_parts": {role: ttft_parts(phase, role, warmup) for role in LIGHTS if role in roles}}
     if all(r in roles for r in FLOODS):
         normalised = [phase.service[r] / WEIGHTS[r] for r in FLOODS]
         out["jain_floods"] = jain(normalised)
         out["a2_over_a1_service"] = phase.service["A2"] / max(phase.service["A1"], 1e-9)
         out["flood_share"] = sum(phase.service[r] for r in FLOODS) / total
+    return out
+
+
+def step_summary(phase: Phase, warmup: float) -> dict[str, Any]:
+    """Model steps in the window by kind (count, mean and p95 ms), and the mean gap between two steps
+    (scheduling, sampled tokens to their streams, the loop's wake-ups)."""
+    log = [r for r in (phase.step_log.records if phase.step_log else []) if r.start >= phase.start + warmup]
+    out: dict[str, Any] = {}
+    for kind in ("decode-only", "prefill-only", "mixed"):
+        rows = [r for r in log if r.kind == kind]
+        ms = [1000 * (r.end - r.start) for r in rows]
+        n = max(len(rows), 1)
+        out[kind] = {"steps": len(rows), "mean_ms": sum(ms) / n, "p95_ms": pct(ms, 0.95),
+                     "mean_decodes": sum(r.decodes for r in rows) / n,
+                     "mean_prefill_tokens": sum(r.prefill_tokens for r in rows) / n}
+    gaps = [1000 * (b.start - a.end) for a, b in itertools.pairwise(log)]
+    out["gap_mean_ms"] = sum(gaps) / len(gaps) if gaps else float("nan")
+    return out
+
+
+def ttft_parts(phase: Phase, role: str, warmup: float) -> dict[str, Any]:
+    """`role`'s time to first token in parts, per request that arrived in the window (they add up):
+    this process's lag in submitting it, the rest of the step under way then, the wait until the step
+    with its prompt began (more steps, the gaps between them), that step, and the delivery from its
+    end to the client."""
+    log = phase.step_log.records if phase.step_log else []
+    starts = [r.start for r in log]
+    own: dict[str, int] = {}
+    for i, step in enumerate(log):
+        for rid in step.first_tokens:
+            own.setdefault(rid, i)
+    parts: dict[str, list[float]] = {"lag": [], "under_way": [], "queued": [], "own_step": [], "delivery": []}
+    steps_before = []
+    for rec in phase.records:
+        if (rec.role != role or rec.arrival < warmup or rec.ttft_s is None or rec.submitted is None
+                or rec.request_id not in own):
+            continue
+        step, arrived, submitted = log[own[rec.request_id]], phase.start + rec.arrival, phase.start + rec.submitted
+        running = bisect.bisect_right(starts, submitted) - 1  # the step under way (or last ended) at submit
+        free_at = max(submitted, log[running].end) if running >= 0 else submitted
+        parts["lag"].append(submitted - arrived)
+        parts["under_way"].append(free_at - submitted)
+        parts["queued"].append(step.start - free_at)
+        parts["own_step"].append(step.end - step.start)
+        parts["delivery"].append(rec.ttft_s - (step.end - arrived))
+        steps_before.append(own[rec.request_id] - running - 1)
+    out: dict[str, Any] = {"requests": len(steps_before),
+                           "after_more_steps": sum(n > 0 for n in steps_before) / max(len(steps_before), 1)}
+    for name, values in parts.items():
+        out[name] = {"p50_ms": 1000 * pct(values, 0.5), "p95_ms": 1000 * pct(values, 0.95),
+                     "mean_ms": 1000 * sum(values) / len(values) if values else float("nan")}
     return out
 
 
@@ -291,7 +418,7 @@ def table(results: dict[str, Any], capacity: float) -> str:
         "| refusal in generate() p99 (ms) |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in ("calibration", "alone", "round_robin", "fair"):
+    for name in PHASES:
         for role, r in results[name]["roles"].items():
             refusal = (f"{r['rejection_p50_s'] * 1e3:.1f} / {r['rejection_p99_s'] * 1e3:.1f} / {r['rejection_max_s'] * 1e3:.1f}"
                        if r["rejected"] else "-")
@@ -301,17 +428,49 @@ def table(results: dict[str, Any], capacity: float) -> str:
                 f"| {r['queue_timeouts']} | {r['service_share']:.1%} | {r['service_per_s']:.0f} | {r['generated_per_s']:.0f} "
                 f"| {_seconds(r['ttft_p50_s'])} / {_seconds(r['ttft_p95_s'])} | {refusal} | {in_call} |"
             )
-    lines += ["", "| | round_robin | fair |", "| --- | ---: | ---: |"]
+    policies = ("round_robin", "fair", "fair_mixed_steps")
+    lines += ["", "| | " + " | ".join(policies) + " |", "| --- |" + " ---: |" * len(policies)]
     for key, label in (("flood_share", "A1 + A2 share"), ("a2_over_a1_service", "A2 : A1 weighted tokens"),
                        ("jain_floods", "Jain's index (weight-normalised A1, A2)"), ("mean_step_s", "mean engine step (ms)")):
         fmt = {"flood_share": "{:.1%}", "mean_step_s": "{:.1f}"}.get(key, "{:.3f}")
         scale = 1000.0 if key == "mean_step_s" else 1.0
-        rr, fair = (fmt.format(results[name][key] * scale) for name in ("round_robin", "fair"))
-        lines.append(f"| {label} | {rr} | {fair} |")
-    lines.append(f"| mean engine step, B and C alone (ms) | {results['alone']['mean_step_s'] * 1000:.1f} | |")
+        lines.append(f"| {label} | " + " | ".join(fmt.format(results[name][key] * scale) for name in policies) + " |")
+    lines.append(f"| mean engine step, B and C alone (ms) | {results['alone']['mean_step_s'] * 1000:.1f} | | |")
     lines += ["", "Bars (fair policy):", ""]
     lines += [f"- {name}: **{value}** {'met' if ok else '**not met**'}" for name, value, ok in verdicts(results)]
+    lines += ["", *breakdown(results)]
     return "\n".join(lines)
+
+
+def breakdown(results: dict[str, Any]) -> list[str]:
+    """Where B's and C's time to first token goes, and what the model steps cost, per phase."""
+    lines = [
+        "Where B's and C's time to first token goes (ms, p50 / p95 of each part; the parts of one request add "
+        "up to its TTFT): this process's lag from the scheduled arrival to Engine.generate, the rest of the "
+        "step under way then, the wait for the step with its prompt (more steps before it, gaps between "
+        "steps), that step, and the delivery to the client (sampled token to its stream, the event loop); "
+        "last, the share of requests whose prompt was not in the first step after they were submitted.",
+        "",
+        "| phase | adapter | requests | TTFT | lag | step under way | queued | own step | delivery | after more steps |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in ("alone", "fair", "fair_mixed_steps"):
+        for role, parts in results[name]["ttft_parts"].items():
+            r = results[name]["roles"][role]
+            cells = [f"{parts[k]['p50_ms']:.1f} / {parts[k]['p95_ms']:.1f}"
+                     for k in ("lag", "under_way", "queued", "own_step", "delivery")]
+            lines.append(f"| {name} | {role} | {parts['requests']} | {r['ttft_p50_s'] * 1e3:.1f} / {r['ttft_p95_s'] * 1e3:.1f} | "
+                         + " | ".join(cells) + f" | {parts['after_more_steps']:.0%} |")
+    lines += ["", "Model steps (ModelRunner.run) by kind: count, mean / p95 ms, mean decodes and prefill tokens; gap = "
+              "mean time between two steps.", "",
+              "| phase | decode-only | prefill-only | mixed | gap (ms) |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name in ("alone", "round_robin", "fair", "fair_mixed_steps"):
+        steps = results[name]["model_steps"]
+        cells = [f"{k['steps']}: {k['mean_ms']:.1f} / {k['p95_ms']:.1f} ({k['mean_decodes']:.0f} dec, "
+                 f"{k['mean_prefill_tokens']:.0f} tok)" if k["steps"] else "-"
+                 for k in (steps[kind] for kind in ("decode-only", "prefill-only", "mixed"))]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {steps['gap_mean_ms']:.1f} |")
+    return lines
 
 
 def plot(phases: dict[str, Phase], path: Path) -> None:
@@ -331,12 +490,12 @@ def plot(phases: dict[str, Phase], path: Path) -> None:
         ax.legend(fontsize=8)
     ax = axes[1][0]
     data, labels = [], []
-    for name in ("alone", "round_robin", "fair"):
+    for name in ("alone", "round_robin", "fair", "fair_mixed_steps"):
         for role in ROLES:
             ttft = [r.ttft_s for r in phases[name].records if r.role == role and r.ttft_s is not None]
             if ttft:
                 data.append(ttft)
-                labels.append(f"{role}\n{name.replace('round_robin', 'rr')}")
+                labels.append(f"{role}\n{name.replace('round_robin', 'rr').replace('fair_mixed_steps', 'mixed')}")
     ax.boxplot(data, whis=(5, 95), showfliers=False)
     ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
     ax.set_yscale("log")
@@ -358,6 +517,7 @@ def plot(phases: dict[str, Phase], path: Path) -> None:
 
 async def bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Phase], float]:
     model = resolve_model("demo")
+    make_engine(model, "fair", prefill_first=False).shutdown()  # the last phase's setting reaches the engine
     engine = make_engine(model, "fair")
     vocab = engine.arch.vocab_size
     await engine.complete([9, 10, 11], SamplingParams(max_new_tokens=4))  # warm-up
@@ -370,8 +530,9 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Pha
 
     async def phase(
         name: str, policy: str, schedule: list[tuple[float, str]], duration: float, offered: dict[str, float],
+        prefill_first: bool = True,
     ) -> None:
-        engine = make_engine(model, policy)
+        engine = make_engine(model, policy, prefill_first)
         await engine.complete([9, 10, 11], SamplingParams(max_new_tokens=4))
         phases[name] = await run_phase(engine, name, schedule, duration, args.warmup_s, vocab)
         results[name] = summarize(phases[name], offered, args.warmup_s)
@@ -391,6 +552,7 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Pha
     await phase("alone", "fair", [a for a in lights if a[0] < args.alone_s], args.alone_s, rates)
     await phase("round_robin", "round_robin", sorted(floods + lights), args.duration_s, rates)
     await phase("fair", "fair", sorted(floods + lights), args.duration_s, rates)
+    await phase("fair_mixed_steps", "fair", sorted(floods + lights), args.duration_s, rates, prefill_first=False)
     results["capacity"] = {"closed_loop_weighted_tokens_per_s": closed_loop, "weighted_tokens_per_s": capacity}
     return results, phases, capacity
 

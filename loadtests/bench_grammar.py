@@ -24,8 +24,10 @@ Results go to --out (markdown + JSON).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.sampling_params import GrammarSpec
 
 LIBRARIES = ("xgrammar", "llguidance", "outlines-core")
 BATCH = 64
@@ -80,6 +84,50 @@ ORDER_DOCUMENT = json.dumps({
     "gift": False,
     "note": "Leave at the door, please.",
 })  # json.dumps' separators (", ", ": "): what the compact grammars of the three libraries produce
+
+
+# The structured-output workload of the throughput mode and of the 200-request bar in
+# tests/test_structured_output.py: five JSON schemas and a regex, each output at most ~60 characters
+# (strings and arrays bounded, integers ranged), so that every request can finish within its budget
+# even at one byte per token (the zoo's tokenizer).
+BAR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "answer": {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 24}}, "required": ["answer"]},
+    "sentiment": {
+        "type": "object",
+        "properties": {"label": {"enum": ["positive", "negative", "neutral"]},
+                       "score": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["label", "score"],
+    },
+    "person": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 16},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 120}, "member": {"type": "boolean"}},
+        "required": ["name", "age", "member"],
+    },
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 1, "maxItems": 3},
+    "reading": {
+        "type": "object",
+        "properties": {"unit": {"enum": ["C", "F", "K"]}, "value": {"type": "integer", "minimum": -50, "maximum": 150},
+                       "note": {"anyOf": [{"type": "string", "maxLength": 12}, {"type": "null"}]}},
+        "required": ["unit", "value", "note"],
+    },
+}
+BAR_REGEX = r"[A-Z][a-z]{2,8}-[0-9]{3}"
+BAR_GRAMMARS: dict[str, GrammarSpec] = {
+    **{name: GrammarSpec("json", json.dumps(schema)) for name, schema in BAR_SCHEMAS.items()},
+    "code": GrammarSpec("regex", BAR_REGEX),
+}
+
+
+def check_output(grammar_name: str, text: str) -> None:
+    """Raise unless `text` is a complete output of BAR_GRAMMARS[grammar_name] (JSON Schema validated)."""
+    import jsonschema
+
+    if grammar_name == "code":
+        if re.fullmatch(BAR_REGEX, text) is None:
+            raise AssertionError(f"{text!r} does not match {BAR_REGEX}")
+        return
+    jsonschema.validate(json.loads(text), BAR_SCHEMAS[grammar_name])
 
 
 def smollm2_tokenizer_dir() -> Path:
@@ -189,7 +237,7 @@ class _Candidate:
 def _measure_library(name: str, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from engine.grammar import apply_bitmask
+    from engine.grammar import GrammarMask
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
@@ -219,6 +267,7 @@ def _measure_library(name: str, threads: int) -> dict[str, Any]:
         positions.append(start)
     bitmask = torch.zeros(BATCH, (vocab_size + 31) // 32, dtype=torch.int32)
     logits = torch.randn(BATCH, vocab_size)
+    mask = GrammarMask(torch.arange(BATCH), bitmask, all_rows=True)  # the engine's apply, the same for all
     fill_ms: list[float] = []
     accept_us: list[float] = []
     apply_ms: list[float] = []
@@ -228,7 +277,7 @@ def _measure_library(name: str, threads: int) -> dict[str, Any]:
         fill_ms.append((time.perf_counter() - t0) * 1e3)
         work = logits.clone()
         t0 = time.perf_counter()
-        apply_bitmask(work, bitmask)
+        mask.apply(work)
         apply_ms.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
         for i, m in enumerate(matchers):
@@ -306,11 +355,173 @@ def compare_libraries(out: Path, threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ---- engine throughput, grammars on vs off ----------------------------------------------------------
+def _engine_and_jobs(quick: bool, n: int) -> tuple[Any, list[tuple[str, str | None]], int]:
+    from engine import Engine, EngineConfig
+    from serve_app.demo import resolve_model
+
+    if quick:  # the zoo: tiny, byte-level; prompts are "<input>="
+        resolved = resolve_model("zoo")
+        adapters = resolved.adapters[:8]
+        engine = Engine(EngineConfig(model=resolved.path, adapters=adapters, max_lora_rank=16, max_adapter_slots=8,
+                                     num_kv_blocks=1024, max_num_seqs=64, max_queue_wait_s=None))
+        words = ["lora", "serve", "grammar", "batch", "token", "adapter", "schema", "regex"]
+        names: list[str | None] = [None, *(a.adapter_id for a in adapters)]
+        return engine, [(f"{words[i % len(words)]} {i}=", names[i % len(names)]) for i in range(n)], 64
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models" / "smollm2"))
+    from common import chat_text
+    from prompts import heldout_prompts
+
+    resolved = resolve_model("smollm2")
+    engine = Engine(EngineConfig(model=resolved.path, adapters=resolved.adapters, max_lora_rank=16,
+                                 max_adapter_slots=8, num_kv_blocks=1024, max_num_seqs=64,
+                                 max_num_batched_tokens=1024, max_queue_wait_s=None))
+    questions = heldout_prompts()
+    names = [None, *(spec.adapter_id for spec in resolved.adapters)]
+    jobs = [(chat_text(engine.tokenizer, questions[i % len(questions)]), names[i % len(names)]) for i in range(n)]
+    return engine, jobs, 96
+
+
+def _timed(engine: Any, jobs: list[tuple[str, str | None, Any]]) -> tuple[float, list[Any]]:
+    import asyncio
+
+    async def go() -> list[Any]:
+        return list(await asyncio.gather(*(engine.complete(p, params, adapter_id=a) for p, a, params in jobs)))
+
+    started = time.perf_counter()
+    outs = asyncio.run(go())
+    return time.perf_counter() - started, outs
+
+
+class _MaskTimer:
+    """Wall time spent filling and applying grammar masks (wraps engine/grammar.py's two calls)."""
+
+    def __init__(self) -> None:
+        from engine import grammar
+
+        self.seconds = 0.0
+        self.calls = 0
+        self._saved = (grammar.MaskFiller.mask, grammar.GrammarMask.apply)
+        timer = self
+
+        def mask(filler: Any, *args: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return timer._saved[0](filler, *args)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+                timer.calls += 1
+
+        def apply(mask_: Any, logits: Any) -> None:
+            t0 = time.perf_counter()
+            try:
+                timer._saved[1](mask_, logits)
+            finally:
+                timer.seconds += time.perf_counter() - t0
+
+        grammar.MaskFiller.mask, grammar.GrammarMask.apply = mask, apply  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        from engine import grammar
+
+        grammar.MaskFiller.mask, grammar.GrammarMask.apply = self._saved  # type: ignore[method-assign]
+
+
+def throughput(out: Path, quick: bool, requests: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Tokens/s of the same requests with a grammar each (rotating over BAR_GRAMMARS) and without.
+
+    Grammar outputs end when their grammar does, so "off, same lengths" runs every request for exactly
+    the tokens its grammar run produced (EOS ignored): the same work, with and without masks; that
+    ratio is the cost of structured output. "off, free" (EOS ends the request) is shown for reference.
+    The cases alternate within each repeat and the best run of each counts (other work on a shared
+    machine only slows runs down); the time inside the mask calls is measured too, as a share of the
+    grammar run: on a busy machine that share is the steadier figure.
+    """
+    from engine import SamplingParams
+
+    torch.set_num_threads(threads)
+    engine, jobs, max_new = _engine_and_jobs(quick, requests)
+    names = list(BAR_GRAMMARS)
+    try:
+        t0 = time.perf_counter()
+        for name in names:  # cold compiles (the first also starts the compile worker), then cached
+            engine.grammars.compile(BAR_GRAMMARS[name])
+        compile_s = time.perf_counter() - t0
+        on = [(p, a, SamplingParams(max_new_tokens=max_new, grammar=BAR_GRAMMARS[names[i % len(names)]]))
+              for i, (p, a) in enumerate(jobs)]
+        best: dict[str, tuple[float, int]] = {}
+        valid = 0
+        mask_share: list[tuple[float, float]] = []  # (share of the run, ms per step) per repeat
+        # Greedy: a request's grammar output, and so its length, is the same in every run.
+        _, first = _timed(engine, on)
+        lengths = [o.generated_tokens for o in first]
+        for i, o in enumerate(first):
+            with contextlib.suppress(Exception):
+                check_output(names[i % len(names)], o.generated_text)
+                valid += 1
+        runs = {
+            "grammar on": on,
+            "grammar off, same lengths": [(p, a, SamplingParams(max_new_tokens=n, ignore_eos=True))
+                                          for (p, a), n in zip(jobs, lengths)],
+            "grammar off, free": [(p, a, SamplingParams(max_new_tokens=max_new)) for p, a in jobs],
+        }
+        order = list(runs)
+        for r in range(repeats):
+            for case in order[r % 3:] + order[: r % 3]:  # each case runs first once in three repeats
+                timer = _MaskTimer() if case == "grammar on" else None
+                try:
+                    steps = engine.stats()["steps"]
+                    seconds, outs = _timed(engine, runs[case])
+                    steps = engine.stats()["steps"] - steps
+                finally:
+                    if timer is not None:
+                        timer.close()
+                if timer is not None:
+                    mask_share.append((timer.seconds / seconds, timer.seconds * 1e3 / max(1, steps)))
+                tokens = sum(o.generated_tokens for o in outs)
+                if case not in best or tokens / seconds > best[case][1] / best[case][0]:
+                    best[case] = (seconds, tokens)
+    finally:
+        engine.shutdown()
+    rate = {case: tokens / secs for case, (secs, tokens) in best.items()}
+    ratio = rate["grammar on"] / rate["grammar off, same lengths"]
+    model = "zoo (byte-level, 259 tokens)" if quick else "SmolLM2-135M-Instruct (49,152 tokens)"
+    lines = [
+        "| case | requests | generated tokens | wall s (best run) | tokens/s | vs grammar off, same lengths |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case, (secs, tokens) in best.items():
+        lines.append(f"| {case} | {len(jobs)} | {tokens} | {secs:.2f} | {rate[case]:.1f} "
+                     f"| {rate[case] / rate['grammar off, same lengths']:.3f}x |")
+    share, mask_ms_per_step = min(mask_share)
+    meta = {"model": model, "requests": len(jobs), "max_new_tokens": max_new, "repeats": repeats, "threads": threads,
+            "grammars": names, "cold_compile_all_s": round(compile_s, 2), "valid_outputs": valid,
+            "mask_share_of_grammar_run": round(share, 4), "mask_ms_per_step": round(mask_ms_per_step, 2),
+            "load_average": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    text = "\n".join(lines) + (
+        f"\n\n{model}, float32, {threads} threads; {len(jobs)} requests at once over the base model and its adapters, "
+        f"greedy, each with one of {len(names)} grammars ({', '.join(names)}); {valid}/{len(jobs)} grammar outputs "
+        f"validate. Grammar on / off at the same lengths: **{ratio:.3f}x**; filling and applying the masks took "
+        f"{share:.1%} of the grammar run ({mask_ms_per_step:.1f} ms per step). Compiling the {len(names)} grammars "
+        f"cold (worker start included): {compile_s:.2f} s. Best of {repeats}, load average "
+        f"{meta['load_average'][0]:.2f}, {meta['date']}.\n"
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput_quick" if quick else "throughput"
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "ratio": ratio, "cases": best}, indent=2))
+    print(text)
+    return {"ratio": ratio, "rates": rate, "mask_share": share}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--libraries", action="store_true", help="compare the candidate grammar libraries")
     parser.add_argument("--library-worker", choices=LIBRARIES, help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="the zoo model and 32 requests: a smoke run")
+    parser.add_argument("--requests", type=int, default=0, help="requests per run (default 64, quick 32)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case; the best counts")
     parser.add_argument("--out", type=Path, default=Path("loadtests/results/grammar"))
     args = parser.parse_args()
     if args.library_worker:
@@ -319,6 +530,7 @@ def main() -> None:
     if args.libraries:
         compare_libraries(args.out, args.threads)
         return
+    throughput(args.out, args.quick, args.requests or (32 if args.quick else 64), args.repeats, args.threads)
 
 
 if __name__ == "__main__":

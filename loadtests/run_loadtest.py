@@ -3,6 +3,7 @@
     python -m loadtests.run_loadtest --scenario burst --duration 60 --model demo --out loadtests/results/burst
     python -m loadtests.run_loadtest --scenario zipf --host http://127.0.0.1:8000 --users 8
     python -m loadtests.run_loadtest --scenario mixed --config config.yaml --port 8011
+    python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --out loadtests/results/noisy
 
 Without --host it starts the server itself (`serve run CONFIG`, HTTP port rewritten to --port,
 bound to 127.0.0.1) and stops it afterwards (Ctrl-C, as a user would). It runs
@@ -18,6 +19,12 @@ Output (--out): events.jsonl (one line per request, from the locustfile), locust
 replicas.csv, summary.json, summary.md (table: throughput, p50/p95 TTFT and latency before/during/
 after the burst, replica count), report.html and PNG plots: requests_per_s, latency, ttft, errors,
 replicas, adapter_latency. Only 127.0.0.1 is ever targeted.
+
+`--scenario noisy` (loadtests/scenarios/noisy.py): adapters B and C alone, then A1 and A2 flooding
+beside them, against one replica started with the scenario's app args (fair scheduling, weights 1
+and 2 for the floods, a per-adapter waiting bound). The report adds, per role and phase, TTFT,
+refusals and how fast they came, the fair scheduler's weighted tokens per adapter (from
+/admin/stats), the issue's bars and three more plots: ttft_by_role, requests_by_role, refusal_latency.
 """
 
 from __future__ import annotations
@@ -38,14 +45,15 @@ import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
 
+from loadtests.scenarios import noisy
 from loadtests.scenarios.phases import burst_phases
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +61,10 @@ SCENARIOS = {
     "burst": REPO / "loadtests" / "locustfile_burst.py",
     "zipf": REPO / "loadtests" / "locustfile_zipf.py",
     "mixed": REPO / "loadtests" / "locustfile_mixed.py",
+    "noisy": REPO / "loadtests" / "locustfile_noisy.py",
 }
+# App args a scenario needs on the server it starts (None: the key is removed from the config).
+SCENARIO_APP_ARGS: dict[str, dict[str, Any]] = {"noisy": noisy.NOISY_APP_ARGS}
 DPI = 70  # small PNGs: they are committed under loadtests/results/
 ADMIN_TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
 
@@ -65,18 +76,21 @@ def admin_headers() -> dict[str, str]:
 
 # ---- server -------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float = 300.0) -> Iterator[str]:
+def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float = 300.0,
+              app_args: dict[str, Any] | None = None) -> Iterator[str]:
     """`serve run` a copy of `config` on 127.0.0.1:`port`; yields the URL; stops it on exit.
 
     With `model`, only the config's first application is served, with its `model` arg replaced
     (e.g. "demo": the random-weight demo model the README's load-test numbers were measured on).
+    `app_args` override that application's args too (a None value removes the key).
     """
     import yaml
 
     data = yaml.safe_load(config.read_text())
     if model:
         first = dict(data["applications"][0])
-        first["args"] = {**first.get("args", {}), "model": model}
+        args = {**first.get("args", {}), "model": model, **(app_args or {})}
+        first["args"] = {k: v for k, v in args.items() if v is not None}
         data["applications"] = [first]
     data.setdefault("http_options", {})
     data["http_options"].update(host="127.0.0.1", port=port)
@@ -127,6 +141,8 @@ class ReplicaSampler(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.interval_s = url, interval_s
         self.samples: list[tuple[float, int, float]] = []  # (unix time, replicas, running + waiting)
+        # (unix time, adapter -> the fair scheduler's counters summed over the replicas)
+        self.fairness: list[tuple[float, dict[str, dict[str, float]]]] = []
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -138,11 +154,53 @@ class ReplicaSampler(threading.Thread):
                     load = sum(float(r["engine"].get("num_running", 0)) + float(r["engine"].get("num_waiting", 0))
                                for r in replicas)
                     self.samples.append((t, len(replicas), load))
+                    self.fairness.append((t, sum_fairness(r["engine"].get("fairness") or {} for r in replicas)))
                 self._stop_event.wait(max(0.0, self.interval_s - (time.time() - t)))
 
     def stop(self) -> None:
         self._stop_event.set()
         self.join(timeout=15)
+
+
+def sum_fairness(per_replica: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Engine.stats()["fairness"] of every replica, the counters summed per adapter."""
+    out: dict[str, dict[str, float]] = {}
+    for accounts in per_replica:
+        for adapter, a in accounts.items():
+            acc = out.setdefault(adapter, {})
+            for key in ("prefill_tokens", "decode_tokens", "admitted", "rejected", "queue_timeouts"):
+                acc[key] = acc.get(key, 0.0) + float(a.get(key, 0))
+    return out
+
+
+class RefusalProbe(threading.Thread):
+    """One flood request (role A1) every `interval_s` from this process while the floods run: how fast a
+    refusal comes back to a client that is not one of locust's hundred gevent users on the same cores
+    (a diagnostic beside the locust-measured numbers, which count that client's own delays too)."""
+
+    def __init__(self, url: str, start_s: float, interval_s: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.url, self.start_s, self.interval_s = url, start_s, interval_s
+        self.samples: list[tuple[float, int, float]] = []  # (unix time sent, status, seconds to the answer)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        role = next(r for r in noisy.ROLES if r.name == "A1")
+        body = {"inputs": "x" * role.prompt_chars,
+                "parameters": {"adapter_id": role.adapter, "max_new_tokens": role.max_new_tokens}}
+        if self._stop_event.wait(self.start_s):
+            return
+        with httpx.Client(timeout=60) as client:
+            while not self._stop_event.is_set():
+                t = time.time()
+                with contextlib.suppress(httpx.HTTPError):
+                    status = client.post(f"{self.url}/generate", json=body).status_code
+                    self.samples.append((t, status, time.time() - t))
+                self._stop_event.wait(max(0.0, self.interval_s - (time.time() - t)))
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=70)
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -166,6 +224,8 @@ class Run:
     duration: float
     requests: list[dict[str, Any]]
     replicas: list[tuple[float, int, float]]  # (seconds since start, replicas, load)
+    fairness: list[tuple[float, dict[str, dict[str, float]]]] = field(default_factory=list)  # (s since start, ...)
+    probe: list[tuple[float, int, float]] = field(default_factory=list)  # RefusalProbe's, times since start
 
 
 def load_events(path: Path, duration: float) -> Run:
@@ -208,11 +268,16 @@ def phase_stats(reqs: Sequence[dict[str, Any]], span_s: float) -> dict[str, Any]
     }
 
 
-def summarize(run: Run, scenario: str) -> dict[str, Any]:
+def scenario_phases(scenario: str, duration: float) -> list[tuple[str, float, float]]:
     if scenario == "burst":
-        phases = burst_phases(run.duration)
-    else:
-        phases = [("all", 0.0, run.duration)]
+        return burst_phases(duration)
+    if scenario == "noisy":
+        return noisy.noisy_phases(duration)
+    return [("all", 0.0, duration)]
+
+
+def summarize(run: Run, scenario: str) -> dict[str, Any]:
+    phases = scenario_phases(scenario, run.duration)
     out_phases = []
     for name, a, b in phases:
         reqs = [r for r in run.requests if a <= r["rel"] < b or (name == phases[-1][0] and r["rel"] >= b)]
@@ -288,9 +353,159 @@ def _windows(run: Run, width: float) -> list[tuple[float, list[dict[str, Any]]]]
 
 
 def _shade_burst(ax: Any, run: Run, scenario: str) -> None:
-    if scenario == "burst":
-        _, a, b = burst_phases(run.duration)[1]
-        ax.axvspan(a, b, color="orange", alpha=0.12, label="burst")
+    if scenario in ("burst", "noisy"):
+        _, a, b = scenario_phases(scenario, run.duration)[1]
+        ax.axvspan(a, b, color="orange", alpha=0.12, label="burst" if scenario == "burst" else "floods")
+
+
+# ---- the noisy-neighbour scenario ---------------------------------------------------------------
+def _ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 1)
+
+
+def _role_requests(run: Run, role: noisy.Role, lo: float = -math.inf, hi: float = math.inf) -> list[dict[str, Any]]:
+    return [r for r in run.requests if r["adapter"] == role.adapter and lo <= r["rel"] < hi]
+
+
+def _weighted_tokens(run: Run, lo: float, hi: float) -> dict[str, float] | None:
+    """Weighted tokens (prompt x prefill cost + generated x decode cost) the scheduler ran per adapter in
+    [lo, hi), from the first and last /admin/stats samples inside it; None without two samples."""
+    inside = [(t, f) for t, f in run.fairness if lo <= t <= hi]
+    if len(inside) < 2:
+        return None
+    (_, first), (_, last) = inside[0], inside[-1]
+    costs = {"prefill_tokens": float(noisy.NOISY_APP_ARGS["prefill_token_cost"]),  # type: ignore[arg-type]
+             "decode_tokens": float(noisy.NOISY_APP_ARGS["decode_token_cost"])}  # type: ignore[arg-type]
+    return {adapter: sum(cost * (c.get(k, 0.0) - first.get(adapter, {}).get(k, 0.0)) for k, cost in costs.items())
+            for adapter, c in last.items()}
+
+
+def noisy_summary(run: Run) -> dict[str, Any]:
+    """Per phase (its measured window) and role: offered rate, outcomes, TTFT, refusal latency, tokens;
+    the weighted tokens per adapter with the floods; the bars."""
+    phases: dict[str, Any] = {}
+    for name, a, b in noisy.noisy_phases(run.duration):
+        lo, hi = noisy.measured_window(name, a, b)
+        span = max(hi - lo, 1e-9)
+        weighted = _weighted_tokens(run, lo, hi) or {}
+        total_weighted = sum(weighted.values()) or math.nan
+        roles: dict[str, Any] = {}
+        for role in noisy.ROLES:
+            reqs = _role_requests(run, role, lo, hi)
+            if not reqs:
+                continue
+            ok = [r for r in reqs if r["error"] is None]
+            refused = [r["latency_s"] for r in reqs if r["status"] == 429]
+            ttfts = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
+            lat = [r["latency_s"] for r in ok]
+            roles[role.name] = {
+                "adapter": role.adapter, "weight": role.weight, "offered_rps": _r(len(reqs) / span, 2),
+                "requests": len(reqs), "ok": len(ok), "refused": len(refused),
+                "other_errors": len(reqs) - len(ok) - len(refused),
+                "ttft_p50_s": _r(percentile(ttfts, 50)), "ttft_p95_s": _r(percentile(ttfts, 95)),
+                "latency_p50_s": _r(percentile(lat, 50)), "latency_p95_s": _r(percentile(lat, 95)),
+                "refusal_p50_ms": _ms(percentile(refused, 50)), "refusal_p99_ms": _ms(percentile(refused, 99)),
+                "refusal_max_ms": _ms(max(refused, default=None)) if refused else None,
+                "generated_tokens_per_s": _r(sum(int(r.get("tokens") or 0) for r in ok) / span, 1),
+                "weighted_tokens_per_s": _r(weighted[role.adapter] / span, 1) if role.adapter in weighted else None,
+                "weighted_share": _r(weighted[role.adapter] / total_weighted, 4) if role.adapter in weighted else None,
+            }
+        phases[name] = {"window_s": [round(lo, 1), round(hi, 1)], "roles": roles}
+    return {"phases": phases, "bars": noisy_bars(run, phases)}
+
+
+def noisy_bars(run: Run, phases: dict[str, Any]) -> list[dict[str, Any]]:
+    bars: list[dict[str, Any]] = []
+    alone, flood = phases.get("alone", {}).get("roles", {}), phases.get("flood", {}).get("roles", {})
+    for role in (r for r in noisy.ROLES if not r.flood):
+        base, loaded = (alone.get(role.name) or {}).get("ttft_p95_s"), (flood.get(role.name) or {}).get("ttft_p95_s")
+        ratio = loaded / base if base and loaded is not None else None
+        bars.append({"bar": f"{role.name} p95 TTFT with the floods / alone", "value": _r(ratio, 2),
+                     "limit": f"<= {noisy.TTFT_RATIO_BAR:g}x", "met": ratio is not None and ratio <= noisy.TTFT_RATIO_BAR,
+                     "detail": f"{loaded} s / {base} s"})
+        failed = [r for r in _role_requests(run, role) if r["error"] is not None]  # the whole run
+        bars.append({"bar": f"{role.name} requests refused or failed (whole run)", "value": len(failed),
+                     "limit": "0", "met": not failed,
+                     "detail": ", ".join(f"{k}: {v}" for k, v in Counter(str(r["error"]) for r in failed).items())})
+    lo, hi = phases.get("flood", {}).get("window_s", [0.0, 0.0])
+    refusals = [r["latency_s"] for role in noisy.ROLES if role.flood for r in _role_requests(run, role, lo, hi)
+                if r["status"] == 429]
+    p99 = percentile(refusals, 99)
+    probe = [lat for t, status, lat in run.probe if status == 429 and lo <= t < hi]
+    probe_text = (f"; a single client beside locust: p50 {_ms(percentile(probe, 50))} / p99 {_ms(percentile(probe, 99))} "
+                  f"ms over {len(probe)} refusals" if probe else "")
+    bars.append({"bar": "A1 + A2 refusals (429) with the floods, from sending to the answer (locust): p99",
+                 "value": _ms(p99), "limit": f"<= {1000 * noisy.REFUSAL_P99_BAR_S:g} ms",
+                 "met": p99 is not None and p99 <= noisy.REFUSAL_P99_BAR_S,
+                 "detail": f"{len(refusals)} refusals, p50 {_ms(percentile(refusals, 50))} ms, max "
+                           f"{_ms(max(refusals, default=None)) if refusals else None} ms{probe_text}"})
+    a1, a2 = (flood.get(n) or {} for n in ("A1", "A2"))
+    if a1.get("weighted_tokens_per_s") and a2.get("weighted_tokens_per_s"):
+        ratio = a2["weighted_tokens_per_s"] / a1["weighted_tokens_per_s"]
+        bars.append({"bar": "A2 : A1 weighted tokens (weights 2 : 1)", "value": _r(ratio, 2), "limit": "2 +- 10%",
+                     "met": abs(ratio - 2.0) <= 0.2, "detail": "the fair scheduler's own counters (/admin/stats)"})
+    return bars
+
+
+def noisy_markdown(summary: dict[str, Any]) -> str:
+    n = summary["noisy"]
+    lines = ["## Noisy neighbours", "",
+             "| role | phase | adapter | weight | offered req/s | requests | ok | refused (429) | other errors "
+             "| TTFT p50 / p95 (s) | latency p50 / p95 (s) | refusal p50 / p99 / max (ms) | generated tok/s "
+             "| weighted tok/s | share of weighted tokens |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for phase, p in n["phases"].items():
+        for role, r in p["roles"].items():
+            share = f"{100 * r['weighted_share']:.1f}%" if r.get("weighted_share") is not None else "–"
+            lines.append(
+                f"| {role} | {phase} ({p['window_s'][0]:.0f}–{p['window_s'][1]:.0f} s) | {r['adapter']} | {r['weight']:g} "
+                f"| {_fmt(r['offered_rps'])} | {r['requests']} | {r['ok']} | {r['refused']} | {r['other_errors']} "
+                f"| {_fmt(r['ttft_p50_s'])} / {_fmt(r['ttft_p95_s'])} | {_fmt(r['latency_p50_s'])} / {_fmt(r['latency_p95_s'])} "
+                f"| {_fmt(r['refusal_p50_ms'])} / {_fmt(r['refusal_p99_ms'])} / {_fmt(r['refusal_max_ms'])} "
+                f"| {_fmt(r['generated_tokens_per_s'])} | {_fmt(r['weighted_tokens_per_s'])} | {share} |")
+    lines += ["", "Bars:", ""]
+    for bar in n["bars"]:
+        verdict = "met" if bar["met"] else "**not met**"
+        detail = f" ({bar['detail']})" if bar.get("detail") else ""
+        lines.append(f"- {bar['bar']}: **{bar['value']}** (bar {bar['limit']}) {verdict}{detail}")
+    return "\n".join(lines) + "\n"
+
+
+def noisy_plots(run: Run, out: Path, save: Any, plt: Any) -> None:
+    win = _windows(run, max(2.0, run.duration / 30))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for role in (r for r in noisy.ROLES if not r.flood):
+        ys = [percentile([r["ttft_s"] for r in b if r["adapter"] == role.adapter and r["error"] is None
+                          and r.get("ttft_s") is not None], 95) for _, b in win]
+        ax.plot([t for t, _ in win], [math.nan if y is None else y for y in ys], marker="o", label=f"{role.name} p95")
+    _shade_burst(ax, run, "noisy")
+    ax.set(xlabel="time (s)", ylabel="seconds", title="Light adapters' time to first token (p95)")
+    ax.legend(fontsize=8)
+    save(fig, "ttft_by_role.png")
+
+    per_s = _windows(run, 2.0)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    for role in noisy.ROLES:
+        line, = ax.plot([t for t, _ in per_s], [sum(r["adapter"] == role.adapter and r["error"] is None for r in b) / 2.0
+                                                 for _, b in per_s], label=f"{role.name} ok")
+        if role.flood:
+            ax.plot([t for t, _ in per_s], [sum(r["adapter"] == role.adapter and r["status"] == 429 for r in b) / 2.0
+                                            for _, b in per_s], linestyle="--", color=line.get_color(),
+                    label=f"{role.name} refused")
+    _shade_burst(ax, run, "noisy")
+    ax.set(xlabel="time (s)", ylabel="requests/s (by start time)", title="Requests per second by role")
+    ax.set_yscale("symlog", linthresh=1.0)
+    ax.legend(fontsize=7, ncol=3)
+    save(fig, "requests_by_role.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    refused = [1000 * r["latency_s"] for r in run.requests if r["status"] == 429]
+    if refused:
+        ax.hist(refused, bins=40, color="tab:red")
+    ax.axvline(1000 * noisy.REFUSAL_P99_BAR_S, color="k", linestyle=":", label="bar (100 ms)")
+    ax.set(xlabel="ms from sending to the 429", ylabel="requests", title=f"Refusal latency ({len(refused)} refusals)")
+    ax.legend(fontsize=8)
+    save(fig, "refusal_latency.png")
 
 
 def plots(run: Run, summary: dict[str, Any], out: Path, scenario: str) -> list[str]:
@@ -368,16 +583,33 @@ def plots(run: Run, summary: dict[str, Any], out: Path, scenario: str) -> list[s
     ax.set(ylabel="seconds", title="Latency per adapter")
     ax.legend()
     save(fig, "adapter_latency.png")
+    if scenario == "noisy":
+        noisy_plots(run, out, save, plt)
     return files
 
 
+def _html_tables(md: str) -> str:
+    """Every markdown table of `md` as an HTML table (first line the header, the --- line skipped), and
+    its bullet lines as a list."""
+    parts: list[str] = []
+    rows: list[str] = []
+    for line in [*md.splitlines(), ""]:
+        if line.startswith("| "):
+            if not line.startswith("| ---"):
+                tag = "th" if not rows else "td"
+                cells = "".join(f"<{tag}>{html.escape(c.strip())}</{tag}>" for c in line.strip("|").split("|"))
+                rows.append(f"<tr>{cells}</tr>")
+            continue
+        if rows:
+            parts.append("<table>" + "".join(rows) + "</table>")
+            rows = []
+        if line.startswith("- "):
+            parts.append(f"<p>{html.escape(line[2:].replace('**', ''))}</p>")
+    return "".join(parts)
+
+
 def write_html(summary: dict[str, Any], md: str, images: Sequence[str], out: Path) -> None:
-    rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-        for line in md.splitlines() if line.startswith("| ") and not line.startswith("| phase")
-    )
-    header = next(line for line in md.splitlines() if line.startswith("| phase"))
-    head = "".join(f"<th>{html.escape(c.strip())}</th>" for c in header.strip("|").split("|"))
+    tables = _html_tables(md)
     imgs = "".join(f'<figure><img src="{html.escape(i)}" alt="{html.escape(i)}"></figure>' for i in images)
     (out / "report.html").write_text(f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Load test: {html.escape(summary['scenario'])}</title>
@@ -385,7 +617,7 @@ def write_html(summary: dict[str, Any], md: str, images: Sequence[str], out: Pat
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:inline-block;margin:8px}}</style>
 </head><body>
 <h1>Load test: {html.escape(summary['scenario'])}, {summary['duration_s']} s</h1>
-<h2>Summary</h2><table><tr>{head}</tr>{rows}</table>
+<h2>Summary</h2>{tables}
 <h2>Plots</h2>{imgs}
 <h2>Raw summary</h2><pre>{html.escape(json.dumps(summary, indent=1))}</pre>
 </body></html>
@@ -394,10 +626,14 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}figure{{display:i
 
 def write_report(run: Run, scenario: str, out: Path, meta: dict[str, Any] | None = None) -> dict[str, Any]:
     summary = summarize(run, scenario)
+    if scenario == "noisy":
+        summary["noisy"] = noisy_summary(run)
     if meta:
         summary["meta"] = meta
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     md = markdown(summary)
+    if scenario == "noisy":
+        md += "\n" + noisy_markdown(summary)
     (out / "summary.md").write_text(md)
     with open(out / "replicas.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -428,6 +664,11 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
            "--stop-timeout", "30", "--exit-code-on-error", "0"]
     sampler = ReplicaSampler(url)
     sampler.start()
+    probe = None
+    if args.scenario == "noisy":
+        (_, _, split), _ = noisy.noisy_phases(args.duration)
+        probe = RefusalProbe(url, split + noisy.FLOOD_WARMUP_S)
+        probe.start()
     print(f"[loadtest] {args.scenario}: {args.duration:.0f} s, up to {args.users} users, "
           f"max {args.max_requests} requests -> {out}", flush=True)
     with open(out / "locust.log", "wb") as log:
@@ -452,10 +693,14 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
                 proc.terminate()
             proc.wait(timeout=60)
             sampler.stop()
+            if probe is not None:
+                probe.stop()
     if not events.exists():
         raise RuntimeError(f"locust wrote no events; see {out / 'locust.log'}")
     run = load_events(events, args.duration)
     run.replicas = [(t - run.start, n, load) for t, n, load in sampler.samples]
+    run.fairness = [(t - run.start, f) for t, f in sampler.fairness]
+    run.probe = [(t - run.start, status, lat) for t, status, lat in (probe.samples if probe else [])]
     return run
 
 
@@ -463,7 +708,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="burst")
     p.add_argument("--duration", type=float, default=60.0, help="seconds of load (the burst is 30%%-65%% of it)")
-    p.add_argument("--users", type=int, default=16, help="users at the peak (burst) or throughout (zipf, mixed)")
+    p.add_argument("--users", type=int, default=None,
+                   help="users at the peak (burst), throughout (zipf, mixed: 16) or per flooding adapter (noisy: 48)")
     p.add_argument("--idle-users", type=int, default=1, help="users before and after the burst")
     p.add_argument("--max-requests", type=int, default=20000, help="stop after this many requests")
     p.add_argument("--stream-fraction", type=float, default=0.5, help="share of requests to /generate_stream")
@@ -474,17 +720,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="", help="serve only the config's first app, with this model (e.g. demo)")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
     args = p.parse_args(argv)
+    args.users = args.users or (48 if args.scenario == "noisy" else 16)
     if args.host and urlparse(args.host).hostname not in ("127.0.0.1", "localhost"):
         p.error("--host must be on 127.0.0.1 (this runner only loads the local machine)")
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = contextlib.nullcontext(args.host.rstrip("/")) if args.host else serve_run(args.config, args.port, args.model)
+    model = args.model or ("demo" if args.scenario in SCENARIO_APP_ARGS else "")  # its roles are demo adapters
+    ctx = (contextlib.nullcontext(args.host.rstrip("/")) if args.host
+           else serve_run(args.config, args.port, model, app_args=SCENARIO_APP_ARGS.get(args.scenario)))
     with ctx as url:
         run = run_locust(args, url, args.out)
     meta = {"command": "python -m loadtests.run_loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime(run.start))}
-    summary = write_report(run, args.scenario, args.out, meta)
-    print(markdown(summary), flush=True)
+    write_report(run, args.scenario, args.out, meta)
+    print((args.out / "summary.md").read_text(), flush=True)
     print(f"[loadtest] report: {args.out / 'report.html'}", flush=True)
     return 0
 

@@ -61,6 +61,19 @@ _FLAGS: list[tuple[str, str, type | None, str]] = [
      "longest prompt in characters, refused before tokenizing (default: max total tokens x 8)"),
     ("--request-timeout-s", "request_timeout_s", float,
      "seconds a request may take at the ingress, queueing included (default 60; beyond: HTTP 503)"),
+    # fair sharing under overload (README, "Fair sharing under overload")
+    ("--scheduling-policy", "scheduling_policy", str, "fair (token-fair across adapters, default) | round_robin"),
+    ("--adapter-weights", "adapter_weights", str, "service weight per adapter as 'id=2,id2=1' (default 1 each)"),
+    ("--max-waiting-per-adapter", "max_waiting_per_adapter", int,
+     "waiting requests one adapter may hold per replica; beyond: HTTP 429 for that adapter only"),
+    ("--max-waiting-slack", "max_waiting_slack", int,
+     "arrivals beyond --max-concurrent-requests still taken from adapters under their share (default: 1/8 of it)"),
+    ("--max-queue-wait-s", "max_queue_wait_s", float,
+     "seconds a request may wait for its first token (default 60; beyond: HTTP 503 + Retry-After)"),
+    ("--engine-request-timeout-s", "engine_request_timeout_s", float,
+     "seconds a request may run in the engine before it is stopped (default: none; beyond: HTTP 504)"),
+    ("--adapter-load-timeout-s", "adapter_load_timeout_s", float,
+     "seconds an adapter load may take before its requests fail (default 60)"),
 ]
 # Ray's switch that keeps a single-machine instance on its loopback address (see the module docstring).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

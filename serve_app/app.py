@@ -50,19 +50,35 @@ def autoscaling_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     return config
 
 
-def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Serve options for (ModelReplica, Ingress).
+def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: int,
+                       waiting_slack: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Serve options for (ModelReplica, Ingress), sized so that Serve's own limits never decide first.
 
-    The replica's `max_ongoing_requests` admits everything the engine can hold (running + waiting),
-    so Serve never starves the batcher; the engine's own bound (429 Overloaded) is what pushes back.
-    `max_queued_requests` bounds what waits in front of busy replicas (BackPressureError -> 429).
+    Admission is the engine's: it holds the per-adapter state (queues, fair-share counters), so only
+    it can refuse just the flooding adapter (429 + Retry-After at arrival, nothing queued) and keep
+    everyone else's requests. Serve's limits know nothing of adapters: a request over a replica's
+    `max_ongoing_requests` waits in the handle's queue, one FIFO shared by every adapter, and over
+    `max_queued_requests` it gets a 429 whichever adapter it is for. So:
+
+    - `max_ongoing_requests` covers all the engine can hold: `max_num_seqs` running + `max_waiting`
+      waiting + `waiting_slack` (EngineConfig.waiting_slack: arrivals beyond max_waiting still taken
+      from adapters under their share) + CONTROL_SLACK for info/health/metrics calls. A replica
+      below it always takes the request, and the engine answers it: runs it, queues it in its
+      adapter's queue, or refuses it at once. (A refusal is answered within milliseconds, so refused
+      requests hold their place only for that long.)
+    - `max_queued_requests` (= max_waiting) then only bounds what waits when every replica is at
+      max_ongoing_requests, which the engine's own bounds keep from happening while replicas are up;
+      what it still bounds is the queue while no replica is (all starting or restarting: Serve
+      queues, BackPressureError -> 429 beyond it, the ingress's request_timeout_s -> 503 within it).
+    - The ingress passes requests through without admission of its own: room for every model
+      replica's max_ongoing_requests.
     """
     cuda = settings.device.startswith("cuda")
     gpus = settings.replica_num_gpus if settings.replica_num_gpus is not None else (1.0 if cuda else 0.0)
     actor: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
     if gpus:
         actor["num_gpus"] = gpus
-    ongoing = settings.max_ongoing_requests or (max_num_seqs + max_waiting + CONTROL_SLACK)
+    ongoing = settings.max_ongoing_requests or (max_num_seqs + max_waiting + waiting_slack + CONTROL_SLACK)
     model: dict[str, Any] = {
         "ray_actor_options": actor,
         "max_ongoing_requests": ongoing,
@@ -102,7 +118,8 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     resolved = resolve_model(settings.model, settings.served_model_name)
     config = settings.engine_config(resolved.path, resolved.adapters + settings.adapters)
     config.validate()
-    model_opts, ingress_opts = deployment_options(settings, config.max_num_seqs, config.max_waiting)
+    model_opts, ingress_opts = deployment_options(settings, config.max_num_seqs, config.max_waiting,
+                                                  config.waiting_slack)
     torch_threads = settings.torch_threads or max(1, int(settings.replica_num_cpus))
     # The replica gets the explicit adapters only; it re-resolves the model (and its bundled adapters)
     # on its own node.

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from starlette.responses import JSONResponse
 
@@ -21,15 +22,20 @@ from engine.errors import (
     InvalidRequestError,
     NonFiniteOutputError,
     OverloadedError,
+    QueueTimeoutError,
+    RequestTimeoutError,
     UnknownAdapterError,
 )
 
 
 class ErrorInfo(TypedDict):
     message: str
-    kind: str  # validation | unknown_adapter | overloaded | adapter_load | generation | unavailable | not_found
+    # validation | unknown_adapter | overloaded | queue_timeout | request_timeout | adapter_load | generation |
+    # unavailable | not_found | ...
+    kind: str
     error_type: str  # TGI's error_type
     field: str | None
+    retry_after_s: NotRequired[float]  # the engine's own estimate (OverloadedError); else RETRY_AFTER_S[kind]
 
 
 # kind -> (TGI status, TGI error_type, OpenAI status, OpenAI type, OpenAI code)
@@ -40,6 +46,11 @@ _MAP: dict[str, tuple[int, str, int, str, str | None]] = {
     "method": (405, "validation", 405, "invalid_request_error", None),
     "too_large": (413, "validation", 413, "invalid_request_error", None),
     "overloaded": (429, "overloaded", 429, "rate_limit_error", "rate_limit_exceeded"),
+    # No first token within max_queue_wait_s: the replica is saturated, not the client's adapter over its
+    # share (that is a 429 at arrival); 503 + Retry-After as for any server-side capacity problem.
+    "queue_timeout": (503, "queue_timeout", 503, "server_error", "queue_timeout"),
+    # Stopped at the engine's request_timeout_s (tokens already streamed stand): a gateway-style timeout.
+    "request_timeout": (504, "request_timeout", 504, "server_error", "request_timeout"),
     "adapter_load": (424, "generation", 500, "server_error", "adapter_load_failed"),
     "generation": (424, "generation", 500, "server_error", None),
     "incomplete": (500, "incomplete_generation", 500, "server_error", None),
@@ -88,7 +99,12 @@ def error_info(exc: BaseException, request_id: str | None = None) -> ErrorInfo:
     if isinstance(exc, InvalidRequestError):
         return ErrorInfo(message=str(exc), kind="validation", error_type="validation", field=exc.field)
     if isinstance(exc, OverloadedError):
-        return ErrorInfo(message=str(exc), kind="overloaded", error_type="overloaded", field=None)
+        return ErrorInfo(message=str(exc), kind="overloaded", error_type="overloaded", field=None,
+                         retry_after_s=float(exc.retry_after_s))
+    if isinstance(exc, QueueTimeoutError):
+        return ErrorInfo(message=str(exc), kind="queue_timeout", error_type="queue_timeout", field=None)
+    if isinstance(exc, RequestTimeoutError):
+        return ErrorInfo(message=str(exc), kind="request_timeout", error_type="request_timeout", field=None)
     if isinstance(exc, AdapterLoadError):
         return ErrorInfo(message=without_paths(str(exc)), kind="adapter_load", error_type="generation",
                          field="adapter_id")
@@ -109,7 +125,8 @@ def error_info(exc: BaseException, request_id: str | None = None) -> ErrorInfo:
 
 def status_label(kind: str) -> str:
     """The `status` label of loraserve_requests_total for a failed request."""
-    return {"validation": "invalid", "unknown_adapter": "invalid", "overloaded": "overloaded"}.get(kind, "error")
+    return {"validation": "invalid", "unknown_adapter": "invalid", "overloaded": "overloaded",
+            "queue_timeout": "queue_timeout", "request_timeout": "request_timeout"}.get(kind, "error")
 
 
 def tgi_status(info: ErrorInfo) -> int:
@@ -120,17 +137,29 @@ def tgi_error_body(info: ErrorInfo) -> dict[str, Any]:
     return {"error": info["message"], "error_type": _MAP.get(info["kind"], _MAP["generation"])[1]}
 
 
-# Seconds a client should wait before retrying (the Retry-After header, RFC 9110), by kind: a lost
-# model replica is replaced by another, or restarted, within seconds.
-RETRY_AFTER_S: dict[str, int] = {"unavailable": 5}
+# Seconds a client should wait before retrying (the Retry-After header, RFC 9110), by kind, where the
+# error itself carries no estimate: a lost model replica is replaced by another, or restarted, within
+# seconds; a request that found no capacity within max_queue_wait_s should not be back at once (an
+# autoscaled deployment adds a replica within seconds). An OverloadedError carries its own estimate
+# (`retry_after_s`: the adapter's queue drain time at its recent admission rate); Serve's own full queue
+# (BackPressureError, also a 429) has none, as TGI's 429 has none.
+RETRY_AFTER_S: dict[str, float] = {"unavailable": 5, "queue_timeout": 5}
+
+
+def retry_after_header(info: ErrorInfo) -> str | None:
+    """The Retry-After value for an error, whole seconds rounded up (at least 1); None when it has none."""
+    seconds = info.get("retry_after_s", RETRY_AFTER_S.get(info["kind"]))
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return str(max(1, math.ceil(seconds)))
 
 
 def error_headers(info: ErrorInfo, headers: dict[str, str] | None = None) -> dict[str, str] | None:
-    """`headers` plus Retry-After when the error's kind has one."""
-    retry_after = RETRY_AFTER_S.get(info["kind"])
+    """`headers` plus Retry-After when the error has one (every route's error answer goes through here)."""
+    retry_after = retry_after_header(info)
     if retry_after is None:
         return headers
-    return {**(headers or {}), "Retry-After": str(retry_after)}
+    return {**(headers or {}), "Retry-After": retry_after}
 
 
 def tgi_error(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -138,7 +167,8 @@ def tgi_error(info: ErrorInfo, headers: dict[str, str] | None = None) -> JSONRes
 
 
 # OpenAI names some fields differently; errors should name the field the client sent.
-_OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "inputs": "prompt"}
+_OPENAI_FIELDS = {"max_new_tokens": "max_tokens", "adapter_id": "model", "inputs": "prompt",
+                  "grammar": "response_format"}
 
 
 def openai_status(info: ErrorInfo) -> int:

@@ -21,7 +21,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from engine.sampling_params import GrammarSpec
+from engine import GrammarSpec
 from serve_app.errors import ApiError
 from serve_app.validation import reject_unknown, shown
 

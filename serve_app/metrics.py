@@ -17,10 +17,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 BASE_LABEL = "__base__"  # the `adapter` label value of requests for the base model
+# Per-adapter families name the first ADAPTER_LABELS_NAMED adapters a replica has seen and fold the
+# rest into OTHER_ADAPTERS_LABEL (counters summed), so a deployment with thousands of adapters keeps
+# a bounded number of series. "First seen" never changes for a replica (its tables only grow, in
+# insertion order), so a folded counter never goes down. The engine bounds its own per-adapter
+# NaN/Inf counts the same way (engine.engine.NONFINITE_ADAPTERS_NAMED).
+ADAPTER_LABELS_NAMED = 256
+OTHER_ADAPTERS_LABEL = "__other__"
 
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -63,6 +76,7 @@ class ReplicaMetrics:
         self.generated_tokens: dict[str, int] = {}
         self.prompt_tokens: dict[str, int] = {}
         self.ttft = Histogram(TTFT_BUCKETS)
+        self.adapter_ttft: dict[str, Histogram] = {}  # the same per adapter (bounded: ADAPTER_LABELS_NAMED)
         self.tpot = Histogram(TPOT_BUCKETS)
         self.latency = Histogram(LATENCY_BUCKETS)
         self.stream_chunks = 0  # messages sent on streaming calls ...
@@ -98,6 +112,9 @@ class ReplicaMetrics:
                 self.prompt_tokens[adapter] = self.prompt_tokens.get(adapter, 0) + prompt_tokens
             if ttft is not None:
                 self.ttft.observe(max(ttft, 0.0))
+                label = adapter if adapter in self.adapter_ttft or len(self.adapter_ttft) < ADAPTER_LABELS_NAMED \
+                    else OTHER_ADAPTERS_LABEL
+                self.adapter_ttft.setdefault(label, Histogram(TTFT_BUCKETS)).observe(max(ttft, 0.0))
             if tpot is not None:
                 self.tpot.observe(max(tpot, 0.0))
             if latency is not None:
@@ -110,6 +127,7 @@ class ReplicaMetrics:
                 "generated_tokens": dict(self.generated_tokens),
                 "prompt_tokens": dict(self.prompt_tokens),
                 "ttft": self.ttft.to_dict(),
+                "adapter_ttft": {adapter: h.to_dict() for adapter, h in self.adapter_ttft.items()},
                 "tpot": self.tpot.to_dict(),
                 "latency": self.latency.to_dict(),
                 "stream_chunks": self.stream_chunks,
@@ -129,6 +147,24 @@ def _histogram_buckets(hist: Mapping[str, Any]) -> list[tuple[str, float]]:
         cumulative += n
         out.append(("+Inf" if bound == math.inf else repr(float(bound)), float(cumulative)))
     return out
+
+
+def fold_adapters(per_adapter: Mapping[str, Mapping[str, Any]], keys: Sequence[str]) -> dict[str, dict[str, float]]:
+    """`keys` of each adapter's entry, the first ADAPTER_LABELS_NAMED adapters by name and the rest summed
+    under OTHER_ADAPTERS_LABEL (for counters: see ADAPTER_LABELS_NAMED)."""
+    out: dict[str, dict[str, float]] = {}
+    for i, (adapter, entry) in enumerate(per_adapter.items()):
+        label = _label(adapter) if i < ADAPTER_LABELS_NAMED else OTHER_ADAPTERS_LABEL
+        folded = out.setdefault(label, dict.fromkeys(keys, 0.0))
+        for key in keys:
+            folded[key] += float(entry.get(key, 0) or 0)
+    return out
+
+
+# Engine.stats()["fairness"] counters per adapter, and the `reason` label of each refusal counter.
+FAIRNESS_COUNTERS = ("admitted", "prefill_tokens", "decode_tokens", "rejected", "queue_timeouts", "request_timeouts",
+                     "queue_wait_s_sum")
+REJECTION_REASONS = (("rejected", "overloaded"), ("queue_timeouts", "queue_timeout"), ("request_timeouts", "request_timeout"))
 
 
 def batch_size_histogram(batch_seqs_hist: Mapping[Any, int]) -> dict[str, Any]:
@@ -199,6 +235,24 @@ class SnapshotCollector(Collector):
                                         "logits, by adapter", labels=["replica", "adapter"])
         http = CounterMetricFamily(p + "http_requests", "HTTP responses of the ingress replica that answered this scrape",
                                    labels=["ingress", "route", "code"])
+        # Fair sharing under overload (engine/fair_share.py): per adapter, from Engine.stats()["fairness"].
+        a_ttft = HistogramMetricFamily(p + "adapter_time_to_first_token_seconds", "Time to first token, by adapter",
+                                       labels=["replica", "adapter"])
+        a_queue_wait = SummaryMetricFamily(p + "adapter_queue_wait_seconds", "Time from arrival to first admission "
+                                           "into a batch, by adapter (count: requests admitted)",
+                                           labels=["replica", "adapter"])
+        a_queue_wait_max = GaugeMetricFamily(p + "adapter_queue_wait_max_seconds", "Longest wait from arrival to "
+                                             "first admission so far, by adapter", labels=["replica", "adapter"])
+        a_rejections = CounterMetricFamily(p + "adapter_rejections", "Requests refused at arrival (overloaded: 429) "
+                                           "or stopped at a deadline (queue_timeout: 503, request_timeout: 504), "
+                                           "by adapter", labels=["replica", "adapter", "reason"])
+        a_tokens = CounterMetricFamily(p + "adapter_scheduled_tokens", "Tokens the scheduler ran through the model "
+                                       "for an adapter (each position once), by phase", labels=["replica", "adapter", "phase"])
+        a_service = GaugeMetricFamily(p + "adapter_service", "The fair scheduler's virtual token counter: weighted "
+                                      "tokens served / weight", labels=["replica", "adapter"])
+        a_weight = GaugeMetricFamily(p + "adapter_weight", "Fair-share weight", labels=["replica", "adapter"])
+        policy = GaugeMetricFamily(p + "scheduling_policy", "The engine's scheduling policy (1 for the one in use)",
+                                   labels=["replica", "policy"])
 
         for snap in self.snapshots:
             r = str(snap.get("replica", "?"))
@@ -251,6 +305,9 @@ class SnapshotCollector(Collector):
             load_hist = m.get("adapter_load")
             if load_hist:
                 a_load_seconds.add_metric([r], _histogram_buckets(load_hist), load_hist["sum"])
+            for adapter, h in (m.get("adapter_ttft") or {}).items():  # bounded by ReplicaMetrics
+                a_ttft.add_metric([r, _label(adapter)], _histogram_buckets(h), h["sum"])
+            self._fairness(r, e, a_queue_wait, a_queue_wait_max, a_rejections, a_tokens, a_service, a_weight, policy)
         replicas.add_metric([], len(self.snapshots))
         for (route, code), n in sorted(self.http_counts.items()):
             http.add_metric([self.ingress_id, route, code], n)
@@ -258,8 +315,29 @@ class SnapshotCollector(Collector):
             requests, gen_tokens, prompt_tokens, ttft, tpot, latency, batch, queue, running_by_adapter, running,
             last_batch, max_batch, kv_used, kv_free, kv_total, slots, slots_pinned, steps, preemptions, chunks, deltas,
             replicas, http, a_hits, a_misses, a_loads, a_load_failures, a_evictions, a_load_seconds, a_bytes,
-            a_capacity, a_count, nonfinite,
+            a_capacity, a_count, nonfinite, a_ttft, a_queue_wait, a_queue_wait_max, a_rejections, a_tokens, a_service,
+            a_weight, policy,
         )
+
+    @staticmethod
+    def _fairness(r: str, engine: Mapping[str, Any], queue_wait: SummaryMetricFamily, queue_wait_max: GaugeMetricFamily,
+                  rejections: CounterMetricFamily, tokens: CounterMetricFamily, service: GaugeMetricFamily,
+                  weight: GaugeMetricFamily, policy: GaugeMetricFamily) -> None:
+        """One replica's fair-share accounts: counters folded past ADAPTER_LABELS_NAMED adapters, the gauges
+        (a counter level, a weight, a maximum: nothing to add up) for the named adapters only."""
+        if engine.get("scheduling_policy"):
+            policy.add_metric([r, str(engine["scheduling_policy"])], 1)
+        accounts: Mapping[str, Mapping[str, Any]] = engine.get("fairness") or {}
+        for adapter, c in fold_adapters(accounts, FAIRNESS_COUNTERS).items():
+            queue_wait.add_metric([r, adapter], count_value=c["admitted"], sum_value=c["queue_wait_s_sum"])
+            for key, reason in REJECTION_REASONS:
+                rejections.add_metric([r, adapter, reason], c[key])
+            tokens.add_metric([r, adapter, "prefill"], c["prefill_tokens"])
+            tokens.add_metric([r, adapter, "decode"], c["decode_tokens"])
+        for adapter, a in list(accounts.items())[:ADAPTER_LABELS_NAMED]:
+            queue_wait_max.add_metric([r, _label(adapter)], float(a.get("queue_wait_s_max", 0.0)))
+            service.add_metric([r, _label(adapter)], float(a.get("service", 0.0)))
+            weight.add_metric([r, _label(adapter)], float(a.get("weight", 1.0)))
 
 
 def render_prometheus(snapshots: Sequence[Mapping[str, Any]], http_counts: Mapping[tuple[str, str], int],

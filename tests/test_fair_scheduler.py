@@ -96,12 +96,17 @@ def starvation_bound(s: Scheduler, waiting: str | None, others: list[str | None]
     u's running sequences), i.e. w_v times that in charged cost; u's own running sequences add at
     most N*L*C. Tokens not charged are recompute: at most L per sequence preempted meanwhile (a
     seat given to an adapter with nothing running; KV never runs out here).
+
+    With prefill-first steps (under_share_prefill_first) a step may also be missed because it
+    admitted only adapters under their share, however few tokens it ran; such steps never come two
+    in a row, so they at most double the count (plus the one under way).
     """
     n, b = s.max_num_seqs, s.max_num_batched_tokens
     own = n * MAX_SEQ_TOKENS * MAX_COST
     d_u = gap_bound(s, waiting)
     served = own + sum(s.fair.weight(v) * (d_u + gap_bound(s, v) + own / s.fair.weight(waiting)) for v in others)
-    return math.ceil((served / MIN_COST + preemptions * MAX_SEQ_TOKENS) / min(b, n)) + 1
+    ordinary = math.ceil((served / MIN_COST + preemptions * MAX_SEQ_TOKENS) / min(b, n)) + 1
+    return 2 * ordinary + 1 if s.under_share_prefill_first and s.policy == "fair" else ordinary
 
 
 class CheckedFairShare(FairShare):
@@ -130,10 +135,12 @@ class FairSchedulerMachine(RuleBasedStateMachine):
         weights=st.lists(st.sampled_from([1.0, 2.0, 3.0]), min_size=4, max_size=4),
         per_adapter=st.one_of(st.none(), st.integers(1, 6)),
         slack=st.integers(0, 3),
+        prefill_first=st.booleans(),
+        chunk_cap=st.sampled_from([0, 0, 3]),
     )
     def setup(
         self, policy: str, num_blocks: int, budget: int, max_num_seqs: int, weights: list[float],
-        per_adapter: int | None, slack: int,
+        per_adapter: int | None, slack: int, prefill_first: bool, chunk_cap: int,
     ) -> None:
         self.clock = Clock()
         self.blocks = BlockManager(num_blocks, BLOCK)
@@ -141,9 +148,11 @@ class FairSchedulerMachine(RuleBasedStateMachine):
         self.fair = CheckedFairShare({(k or ""): w for k, w in zip(TENANTS, weights)}, PREFILL_COST, DECODE_COST)
         self.s = Scheduler(
             self.blocks, self.residency, max_num_seqs, budget, max_waiting=10, policy=policy, fair_share=self.fair,
-            max_waiting_per_adapter=per_adapter, waiting_slack=slack, clock=self.clock,
+            max_waiting_per_adapter=per_adapter, waiting_slack=slack, under_share_prefill_first=prefill_first,
+            long_prefill_token_threshold=chunk_cap, clock=self.clock,
         )
         self.fair.scheduler = self.s
+        self.last_step_prefill_first = False
         self.ample_kv = num_blocks >= max_num_seqs * self.blocks.blocks_for(MAX_SEQ_TOKENS)
         self.live: list[Sequence] = []
         self.finished: list[Sequence] = []
@@ -182,12 +191,21 @@ class FairSchedulerMachine(RuleBasedStateMachine):
         before = {k for k in self.s.queues}
         had_work = self.s.has_work()
         waiting_before = {id(x) for x in self.live if x.status is SeqStatus.WAITING}
+        first_steps = self.s.prefill_first_steps
+        under_share = {k for k in self.s.queues if self.fair.under_share(k)}
         batch = self.s.schedule()
         assert batch.empty is not had_work, "work waiting but nothing scheduled"
         assert batch.num_tokens <= self.s.max_num_batched_tokens
         admitted = {item.seq.adapter_id for item in batch.prefills if id(item.seq) in waiting_before}
         for item in batch.prefills + batch.decodes:
             assert item.seq.status is SeqStatus.RUNNING and item.seq not in batch.preempted and item.num_tokens >= 1
+            if self.s.long_prefill_token_threshold:
+                assert item.num_tokens <= self.s.long_prefill_token_threshold
+        prefill_first = self.s.prefill_first_steps > first_steps
+        if prefill_first:  # only admissions, only of adapters under their share, never two such steps in a row
+            assert not batch.decodes and not self.last_step_prefill_first
+            assert all(id(i.seq) in waiting_before and i.seq.adapter_id in under_share for i in batch.prefills)
+        self.last_step_prefill_first = prefill_first
         advance(batch, self.clock.now)
         for seq in [x for x in self.live if x.status is SeqStatus.RUNNING]:
             if len(seq.output_ids) >= seq.params.max_new_tokens:
@@ -311,7 +329,7 @@ def _run(
     return done
 
 
-def _sched(blocks: int, policy: str = "fair", weights: dict[str, float] | None = None, **kw: int) -> Scheduler:
+def _sched(blocks: int, policy: str = "fair", weights: dict[str, float] | None = None, **kw: int | bool) -> Scheduler:
     opts = dict(max_num_seqs=8, max_num_batched_tokens=64, max_waiting=1000)
     opts.update(kw)
     return Scheduler(BlockManager(blocks, BLOCK), FakeResidency(), policy=policy,
@@ -392,6 +410,22 @@ def test_preemption_takes_the_victim_from_the_adapter_most_over_its_share() -> N
     assert (hog.prefill_tokens, hog.decode_tokens) == (16, 22) and (meek.prefill_tokens, meek.decode_tokens) == (4, 11)
 
 
+def test_two_sequences_that_cannot_fit_together_both_finish() -> None:
+    # 5 blocks of 8 tokens: one needs 4 blocks in the end, the other 5. Their counters cross while
+    # they run, so the victim (the larger counter) alternated and, back after a chunk's worth of
+    # blocks, each preempted the other before either finished (found by test_scheduler's random
+    # workloads). A preempted sequence now comes back only with room for all it had.
+    for prefill_first in (True, False):
+        s = Scheduler(BlockManager(5, 8), FakeResidency(), max_num_seqs=6, max_num_batched_tokens=8, max_waiting=100,
+                      under_share_prefill_first=prefill_first)
+        s.add(Sequence("base", None, list(range(19)), SamplingParams(max_new_tokens=8), 0.0))
+        s.add(Sequence("lora", "a", list(range(27)), SamplingParams(max_new_tokens=8), 0.0))
+        preempted: list[Sequence] = []
+        done = _run(s, 100, preempted=preempted)
+        assert sorted(seq.request_id for seq in done) == ["base", "lora"] and not s.has_work()
+        assert preempted and len(preempted) <= 2, [seq.request_id for seq in preempted]
+
+
 def test_a_light_adapter_gets_a_seat_without_waiting_for_a_flood_to_finish() -> None:
     for policy, admitted_next_step in (("fair", True), ("round_robin", False)):
         s = _sched(200, policy=policy, max_num_seqs=4)
@@ -401,6 +435,100 @@ def test_a_light_adapter_gets_a_seat_without_waiting_for_a_flood_to_finish() -> 
         assert any(item.seq.request_id == "s1" for item in batch.prefills) is admitted_next_step, policy
         if admitted_next_step:
             assert [seq.adapter_id for seq in batch.preempted] == ["flood"] and len(s.running) == 4
+
+
+def _flooded(**kw: int | str | bool) -> Scheduler:
+    """A flood holding every seat (short prompts, long outputs) and keeping a backlog."""
+    s = _sched(400, max_num_seqs=8, **kw)
+    _run(s, 9, refill={"flood": (4, 50)})
+    assert len(s.running) == 8 and s.queues.get("flood")
+    return s
+
+
+def test_an_adapter_under_its_share_gets_a_prefill_step_of_its_own() -> None:
+    s = _flooded()
+    s.add(_seq(1, "light", 6))
+    s.add(_seq(2, "light", 5))  # two arrived during the step under way: both go in
+    batch = s.schedule()
+    # only its prompts: the flood's decodes wait this one step, and a flood sequence gives up a seat
+    assert [(i.seq.request_id, i.num_tokens) for i in batch.prefills] == [("s1", 6), ("s2", 5)]
+    assert not batch.decodes and [seq.adapter_id for seq in batch.preempted] == ["flood", "flood"]
+    assert all(i.samples for i in batch.prefills) and s.prefill_first_steps == 1
+    advance(batch)
+    s.add(_seq(3, "other", 4))  # also under its share, but never two such steps in a row
+    batch = s.schedule()
+    assert {i.seq.request_id for i in batch.decodes} >= {"s1", "s2"} and len(batch.decodes) == 7
+    assert "s3" in [i.seq.request_id for i in batch.prefills] and s.prefill_first_steps == 1  # ordinary admission
+    # The flood's own admissions never get such a step: it always keeps a backlog.
+    done = _run(s, 60, refill={"flood": (4, 50)})
+    assert {"s1", "s2", "s3"} <= {seq.request_id for seq in done} and s.prefill_first_steps == 1
+
+
+def test_prefill_first_needs_a_backlog_beside_it_and_can_be_turned_off() -> None:
+    quiet = _sched(400, max_num_seqs=4)
+    for i in range(3):
+        quiet.add(_seq(10 + i, "busy", 4, new=50))
+    _run(quiet, 2)  # running, nothing waiting: an arrival has no flood to be spared
+    quiet.add(_seq(1, "light", 6))
+    batch = quiet.schedule()
+    assert len(batch.decodes) == 3 and [i.seq.request_id for i in batch.prefills] == ["s1"]
+    for s in (_flooded(under_share_prefill_first=False), _flooded(policy="round_robin")):
+        s.add(_seq(1, "light", 6))
+        batch = s.schedule()
+        assert batch.decodes and s.prefill_first_steps == 0
+
+
+def test_prefill_first_keeps_the_admission_window() -> None:
+    # Under its share by demand, but just served a long prompt: its counter is more than one step of
+    # service (64 tokens x 2) ahead of the flood's, so its next request waits for the ordinary order.
+    s = _flooded(max_num_batched_tokens=64)
+    s.add(_seq(1, "light", 300, new=2))
+    _run(s, 8, refill={"flood": (4, 50)})
+    assert s.fair.service("light") > s.fair.service("flood") + 128
+    before = s.prefill_first_steps
+    s.add(_seq(2, "light", 6))
+    assert s.fair.under_share("light")
+    batch = s.schedule()
+    assert batch.decodes and "s2" not in [i.seq.request_id for i in batch.prefills]
+    assert s.prefill_first_steps == before
+    done = _run(s, 300, refill={"flood": (4, 50)})
+    assert "s2" in [seq.request_id for seq in done]
+    assert abs(s.fair.service("light") - s.fair.service("flood")) <= gap_bound(s, "flood", 306)
+
+
+def test_long_prefill_token_threshold_caps_each_sequence_per_step() -> None:
+    for cap, chunks in ((16, [16, 16, 8]), (0, [40])):
+        s = _sched(400, max_num_batched_tokens=64, long_prefill_token_threshold=cap)
+        s.add(_seq(1, "a", 40))
+        s.add(_seq(2, "b", 40))
+        seen: list[int] = []
+        for _ in range(10):
+            batch = s.schedule()
+            mine = {i.seq.request_id: i for i in batch.prefills}
+            seen.append(mine["s1"].num_tokens)
+            if cap:  # the other prompt runs beside it, capped the same: the budget (64) is not the limit
+                assert mine["s2"].num_tokens == mine["s1"].num_tokens
+            sampled = mine["s1"].samples
+            advance(batch)
+            if sampled:
+                break
+        assert seen == chunks, cap
+    s = _sched(400, max_num_batched_tokens=64, long_prefill_token_threshold=4)
+    s.add(_seq(1, "a", 4, new=3))
+    _run(s, 1)
+    assert len(s.schedule().decodes) == 1  # decodes are one token: the cap never touches them
+
+
+def test_config_validates_latency_knobs() -> None:
+    assert EngineConfig(model="m").under_share_prefill_first is True
+    assert EngineConfig(model="m").long_prefill_token_threshold == 0
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="under_share_prefill_first must be true or false"):
+            EngineConfig(model="m", under_share_prefill_first=bad).validate()  # type: ignore[arg-type]
+    for bad in (-1, True, 2.5, "64"):
+        with pytest.raises(ValueError, match=r"long_prefill_token_threshold must be an integer >= 0"):
+            EngineConfig(model="m", long_prefill_token_threshold=bad).validate()  # type: ignore[arg-type]
+    EngineConfig(model="m", long_prefill_token_threshold=512, under_share_prefill_first=False).validate()
 
 
 def test_global_bound_refuses_the_adapter_holding_the_most() -> None:
@@ -475,6 +603,34 @@ def test_per_adapter_bound_refuses_the_flooding_adapter_only(llama: TinyFamily) 
         assert stats["rejected"] == len(refused) and stats["fairness"]["qv-r4"]["rejected"] == len(refused)
         assert stats["fairness"]["all-r64"]["rejected"] == 0 and stats["fairness"]["all-r64"]["admitted"] == 3
         assert stats["scheduling_policy"] == "fair"
+        eng.check_idle_invariants()
+    finally:
+        eng.shutdown()
+
+
+def test_a_prefill_first_step_gives_the_tokens_it_gives_alone(llama: TinyFamily) -> None:
+    # The light request's prompt runs in a step of its own beside a backlogged flood; its tokens are
+    # the ones it gets alone, and the flood's are the ones they get without it.
+    eng = make_engine(llama, max_num_seqs=2, max_model_len=256)
+    flood_params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    light_params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+    async def go() -> tuple[list[int], list[int], list[list[int]]]:
+        alone = (await eng.complete("a light one", light_params, "all-r64")).token_ids
+        flood_alone = (await eng.complete("flood 0", flood_params, "qv-r4")).token_ids
+        first = eng.generate("flood 0", flood_params, "qv-r4")
+        rest = [asyncio.ensure_future(eng.complete(f"flood {i}", flood_params, "qv-r4")) for i in range(1, 5)]
+        tokens = [t.id for t in (await first.__anext__()).tokens]  # running; three more wait behind two seats
+        light = await eng.complete("a light one", light_params, "all-r64")
+        tokens += [t.id async for out in first for t in out.tokens]
+        await asyncio.gather(*rest)
+        return list(alone), list(light.token_ids), [list(flood_alone), tokens]
+
+    try:
+        alone, light, (flood_alone, flood) = asyncio.run(go())
+        assert light == alone and len(light) == 12
+        assert flood == flood_alone
+        assert eng.scheduler.prefill_first_steps >= 1
         eng.check_idle_invariants()
     finally:
         eng.shutdown()

@@ -1,16 +1,19 @@
 // Paged attention for the CPU: every query row attends to its own sequence's cached K/V, read once,
 // straight from the paged cache through the sequence's block table (no gather into a padded batch).
+// Prefill rows (each at its own position: causal) and decode rows go through the same loop.
 //
-// Registered as torch.ops.loraserve.paged_attention; built on first use by engine/cpu_attention.py
+// Registered as torch.ops.loraserve.paged_attention; built on first use by engine/native_ops.py
 // (torch.utils.cpp_extension) with the machine's compiler. The torch path in engine/attention.py is
 // the reference and test oracle.
 //
-// One work item is (query row, kv head): the row's query heads of that kv group (GQA) share each K/V
-// vector as it is read. Online softmax over the row's positions [lo, position], one cache block at a
-// time, so scores never exist for more than one block. Only positions a sequence has written are
-// read: nothing past the row's own position and nothing through another sequence's table row, so a
-// batch-mate's NaN/Inf or a freed block's stale contents cannot reach the output (the isolation rule
-// in engine/attention.py).
+// Work items run in parallel (OpenMP, torch's thread count): one per query row and all its kv heads
+// when there are rows enough (a cache slot's heads are adjacent, so each block is read front to back,
+// which the memory system rewards), else one per (row, kv head). A kv head's query heads (GQA) share
+// each K/V vector as it is read. Online softmax over the row's positions [lo, position], one cache
+// block at a time, while the next block (whose address only the table knows) is prefetched. Only
+// positions a sequence has written are read: nothing past the row's own position and nothing through
+// another sequence's table row, so a batch-mate's NaN/Inf or a freed block's stale contents cannot
+// reach the output (the isolation rule in engine/attention.py).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -159,66 +162,105 @@ void attend_item(const Shape& s, const T* q, const T* k_cache, const T* v_cache,
     const int64_t block = start / bs, offset = start % bs;
     const int64_t n = std::min(bs - offset, position - start + 1);
     const int64_t first = (table[block] * bs + offset) * kv_stride + h0 * d;
-    // The next block's rows are fetched while this one is computed (its address is in the table, not
-    // a stride the hardware prefetcher could guess).
-    if (start + n <= position) {
-      const int64_t next = table[(start + n) / bs] * bs * kv_stride + h0 * d;
-      const int64_t rows = std::min(bs, position - start - n + 1);
-      for (int64_t j = 0; j < rows; ++j) {
-        const char* kr = reinterpret_cast<const char*>(k_cache + next + j * kv_stride);
-        const char* vr = reinterpret_cast<const char*>(v_cache + next + j * kv_stride);
-        for (int64_t b = 0; b < width * static_cast<int64_t>(sizeof(T)); b += 64) {
-          __builtin_prefetch(kr + b);
-          __builtin_prefetch(vr + b);
-        }
-      }
-    }
     int64_t k_stride = 0, v_stride = 0;
     const float* kb = chunk_as_float(k_cache + first, kv_stride, n, width, k_scratch, k_stride);
     const float* vb = chunk_as_float(v_cache + first, kv_stride, n, width, v_scratch, v_stride);
-    for (int64_t h = h0; h < h1; ++h) {
-      const int64_t head_off = (h - h0) * d;
-      for (int64_t g = 0; g < g_count; ++g) {
-        const int64_t qi = (h - h0) * g_count + g;
-        const float* qg = qs + qi * d;
-        float* sc = scores + qi * bs;
-        if constexpr (NV > 0) {
-          vec16 qv[NV];
-          for (int c = 0; c < NV; ++c) qv[c] = load16(qg + c * kLanes);
-          for (int64_t j = 0; j < n; ++j) {
-            const float* k = kb + j * k_stride + head_off;
-            vec16 t = qv[0] * load16(k);
-            for (int c = 1; c < NV; ++c) t += qv[c] * load16(k + c * kLanes);
-            sc[j] = hsum(t);
-          }
-        } else {
-          for (int64_t j = 0; j < n; ++j) {
-            const float* k = kb + j * k_stride + head_off;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t i = 0; i < d; ++i) dot += qg[i] * k[i];
-            sc[j] = dot;
+    // The next block's address comes from the table, not a stride the hardware could guess: its rows
+    // are prefetched one per row of this block, spread through the passes below.
+    const bool has_next = start + n <= position;
+    const int64_t next = has_next ? table[(start + n) / bs] * bs * kv_stride + h0 * d : 0;
+    const int64_t lines = (width * static_cast<int64_t>(sizeof(T)) + 63) / 64;
+    if constexpr (NV > 0) {
+      // K pass over the block's rows in memory order (all heads of a row are adjacent), then the
+      // softmax per query head, then the V pass in the same order.
+      for (int64_t j = 0; j < n; ++j) {
+        if (has_next) {
+          const char* kr = reinterpret_cast<const char*>(k_cache + next + j * kv_stride);
+          for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(kr + 64 * c);
+        }
+        for (int64_t h = h0; h < h1; ++h) {
+          const float* k = kb + j * k_stride + (h - h0) * d;
+          vec16 kv[NV];
+          for (int c = 0; c < NV; ++c) kv[c] = load16(k + c * kLanes);
+          for (int64_t g = 0; g < g_count; ++g) {
+            const int64_t qi = (h - h0) * g_count + g;
+            const float* qg = qs + qi * d;
+            vec16 t = load16(qg) * kv[0];
+            for (int c = 1; c < NV; ++c) t += load16(qg + c * kLanes) * kv[c];
+            scores[qi * bs + j] = hsum(t);
           }
         }
-        const float alpha = softmax_block(sc, n, w.m[qi], w.l[qi]);
+      }
+      for (int64_t qi = 0; qi < qh1 - qh0; ++qi) {
+        const float alpha = softmax_block(scores + qi * bs, n, w.m[qi], w.l[qi]);
         float* acc = accs + qi * d;
-        if constexpr (NV > 0) {
-          vec16 a[NV];
-          for (int c = 0; c < NV; ++c) a[c] = load16(acc + c * kLanes) * alpha;
-          for (int64_t j = 0; j < n; ++j) {
-            const float* v = vb + j * v_stride + head_off;
-            const float p = sc[j];
-            for (int c = 0; c < NV; ++c) a[c] += p * load16(v + c * kLanes);
+        for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        if (has_next) {
+          const char* vr = reinterpret_cast<const char*>(v_cache + next + j * kv_stride);
+          for (int64_t c = 0; c < lines; ++c) __builtin_prefetch(vr + 64 * c);
+        }
+        for (int64_t h = h0; h < h1; ++h) {
+          const float* v = vb + j * v_stride + (h - h0) * d;
+          vec16 vv[NV];
+          for (int c = 0; c < NV; ++c) vv[c] = load16(v + c * kLanes);
+          for (int64_t g = 0; g < g_count; ++g) {
+            const int64_t qi = (h - h0) * g_count + g;
+            const float p = scores[qi * bs + j];
+            float* acc = accs + qi * d;
+            for (int c = 0; c < NV; ++c) {
+              const vec16 a = load16(acc + c * kLanes) + p * vv[c];
+              std::memcpy(acc + c * kLanes, &a, sizeof(a));
+            }
           }
-          std::memcpy(acc, a, sizeof(a));
-        } else {
-#pragma omp simd
-          for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
-          for (int64_t j = 0; j < n; ++j) {
-            const float* v = vb + j * v_stride + head_off;
-            const float p = sc[j];
-#pragma omp simd
-            for (int64_t i = 0; i < d; ++i) acc[i] += p * v[i];
+        }
+      }
+    } else {
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t head_off = (h - h0) * d;
+        for (int64_t g = 0; g < g_count; ++g) {
+          const int64_t qi = (h - h0) * g_count + g;
+          const float* qg = qs + qi * d;
+          float* sc = scores + qi * bs;
+          if constexpr (NV > 0) {
+            vec16 qv[NV];
+            for (int c = 0; c < NV; ++c) qv[c] = load16(qg + c * kLanes);
+            for (int64_t j = 0; j < n; ++j) {
+              const float* k = kb + j * k_stride + head_off;
+              vec16 t = qv[0] * load16(k);
+              for (int c = 1; c < NV; ++c) t += qv[c] * load16(k + c * kLanes);
+              sc[j] = hsum(t);
+            }
+          } else {
+            for (int64_t j = 0; j < n; ++j) {
+              const float* k = kb + j * k_stride + head_off;
+              float dot = 0.0f;
+  #pragma omp simd reduction(+ : dot)
+              for (int64_t i = 0; i < d; ++i) dot += qg[i] * k[i];
+              sc[j] = dot;
+            }
+          }
+          const float alpha = softmax_block(sc, n, w.m[qi], w.l[qi]);
+          float* acc = accs + qi * d;
+          if constexpr (NV > 0) {
+            vec16 a[NV];
+            for (int c = 0; c < NV; ++c) a[c] = load16(acc + c * kLanes) * alpha;
+            for (int64_t j = 0; j < n; ++j) {
+              const float* v = vb + j * v_stride + head_off;
+              const float p = sc[j];
+              for (int c = 0; c < NV; ++c) a[c] += p * load16(v + c * kLanes);
+            }
+            std::memcpy(acc, a, sizeof(a));
+          } else {
+  #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) acc[i] *= alpha;
+            for (int64_t j = 0; j < n; ++j) {
+              const float* v = vb + j * v_stride + head_off;
+              const float p = sc[j];
+  #pragma omp simd
+              for (int64_t i = 0; i < d; ++i) acc[i] += p * v[i];
+            }
           }
         }
       }

@@ -114,12 +114,15 @@ class LoraUser(HttpUser):
     def pick_max_new_tokens(self) -> int:
         return 24
 
+    def stream_fraction(self) -> float:
+        return env_float("LOADTEST_STREAM_FRACTION", 0.5)
+
     # ---- sending ------------------------------------------------------------------------------
     def one_request(self) -> None:
         adapter = self.pick_adapter()
         body = {"inputs": self.pick_prompt(),
                 "parameters": {"adapter_id": adapter, "max_new_tokens": self.pick_max_new_tokens()}}
-        if random.random() < env_float("LOADTEST_STREAM_FRACTION", 0.5):
+        if random.random() < self.stream_fraction():
             self._stream(body, adapter)
         else:
             self._generate(body, adapter)

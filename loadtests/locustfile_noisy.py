@@ -1,0 +1,118 @@
+"""Noisy neighbours: two adapters flood while two others send light traffic (loadtests/scenarios/noisy.py).
+
+Users per role: B and C, LOADTEST_LIGHT_USERS each (default 2), together LOADTEST_LIGHT_RPS requests
+per second per role (default 2.5, about a tenth of what one demo replica serves), every request
+streamed (TTFT from the stream); they run alone for the first 30% of the run. Then A1 and A2 join
+(their users exist from the start and wait for that moment: exact user counts all along),
+LOADTEST_USERS each (default 48), each user sending up to LOADTEST_FLOOD_USER_RPS requests per second
+(default 1): more requests in flight than the adapter's seats plus its waiting bound, so part of
+every flood is refused (429) at arrival; half of theirs streamed. A flood user that gets a 429 does
+not wait for Retry-After: it keeps sending at its rate, as a misbehaving client would.
+
+    python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --out loadtests/results/noisy
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import gevent
+from locust import LoadTestShape, constant_throughput, events, task
+from locust.env import Environment
+
+from loadtests.scenarios.common import LoraUser, env_float
+from loadtests.scenarios.noisy import ROLES, Role, noisy_phases
+
+__all__ = ["FloodA1", "FloodA2", "LightB", "LightC", "NoisyShape"]
+
+LIGHT_USERS = int(env_float("LOADTEST_LIGHT_USERS", 2))
+FLOOD_USERS = int(env_float("LOADTEST_USERS", 48))
+LIGHT_RPS = env_float("LOADTEST_LIGHT_RPS", 2.5)
+FLOOD_USER_RPS = env_float("LOADTEST_FLOOD_USER_RPS", 1.0)
+WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "seven", "wizards", "quietly",
+         "hex", "bad", "jugglers"]
+ROLE = {r.name: r for r in ROLES}
+_started: list[float] = []  # when the test started (the runner's phases count from the same moment)
+
+
+def duration_s() -> float:
+    return float(os.environ.get("LOADTEST_DURATION", "120"))
+
+
+@events.test_start.add_listener
+def _mark_start(environment: Environment, **_: Any) -> None:
+    _started[:] = [time.time()]
+
+
+def text_of(chars: int, salt: int) -> str:
+    """About `chars` characters of words (the demo tokenizer: about a token each), varied by `salt`."""
+    out: list[str] = []
+    i = salt
+    while sum(len(w) + 1 for w in out) < chars:
+        out.append(WORDS[i % len(WORDS)])
+        i = (i * 7 + 3) % 1009
+    return " ".join(out)[:chars]
+
+
+class NoisyUser(LoraUser):
+    abstract = True
+    role: Role
+
+    def on_start(self) -> None:
+        self._n = 0
+
+    def pick_adapter(self) -> str:
+        return self.role.adapter
+
+    def pick_prompt(self) -> str:
+        self._n += 1
+        return text_of(self.role.prompt_chars, self._n)
+
+    def pick_max_new_tokens(self) -> int:
+        return self.role.max_new_tokens
+
+    def stream_fraction(self) -> float:
+        return 0.5 if self.role.flood else 1.0
+
+    @task
+    def generate(self) -> None:
+        if self.role.flood:  # every user runs from the start; the floods begin at the second phase
+            (_, _, split), _ = noisy_phases(duration_s())
+            wait = (_started[0] if _started else time.time()) + split - time.time()
+            if wait > 0:
+                gevent.sleep(wait)
+        self.one_request()
+
+
+class LightB(NoisyUser):
+    role = ROLE["B"]
+    fixed_count = LIGHT_USERS
+    wait_time = constant_throughput(LIGHT_RPS / LIGHT_USERS)
+
+
+class LightC(NoisyUser):
+    role = ROLE["C"]
+    fixed_count = LIGHT_USERS
+    wait_time = constant_throughput(LIGHT_RPS / LIGHT_USERS)
+
+
+class FloodA1(NoisyUser):
+    role = ROLE["A1"]
+    fixed_count = FLOOD_USERS
+    wait_time = constant_throughput(FLOOD_USER_RPS)
+
+
+class FloodA2(NoisyUser):
+    role = ROLE["A2"]
+    fixed_count = FLOOD_USERS
+    wait_time = constant_throughput(FLOOD_USER_RPS)
+
+
+class NoisyShape(LoadTestShape):
+    """Every user from the start, for the whole run (the flood users wait for their phase: NoisyUser)."""
+
+    def tick(self) -> tuple[int, float] | None:
+        total = 2 * LIGHT_USERS + 2 * FLOOD_USERS
+        return (total, float(total)) if self.get_run_time() < duration_s() else None
