@@ -421,6 +421,10 @@ class AdapterPool:
                 "host_bytes": self.host_bytes,
                 "host_cache_bytes": self.host_cache_bytes,
                 "device_slot_bytes": self.slots.nbytes,
+                # bytes of the adapters resident in device slots (the slots' allocation is device_slot_bytes)
+                "device_adapter_bytes": sum(
+                    self.records[o].nbytes for o in self.slots.occupant if o is not None and o in self.records
+                ),
                 "device_hits": c.device_hits,
                 "device_misses": c.device_misses,
                 "host_hits": c.host_hits,

@@ -573,6 +573,15 @@ class Engine:
         )
 
     # ---- introspection ------------------------------------------------------------------------
+    def check_adapter_source(self, source: str) -> None:
+        """Raise unless `source` is a Hub id or resolves under this engine's adapter_source_roots."""
+        self.pool.check_source(source)
+
+    def oldest_waiting_age_s(self) -> float:
+        """Age of the oldest request still waiting for admission (0 when none); lock-free."""
+        arrival = self.scheduler.oldest_arrival()
+        return 0.0 if arrival is None else max(0.0, time.monotonic() - arrival)
+
     def stats(self) -> dict[str, Any]:
         with self._lock:
             running: dict[str, int] = {}

@@ -151,6 +151,18 @@ class Scheduler:
     def num_waiting(self) -> int:
         return self._num_waiting
 
+    def oldest_arrival(self) -> float | None:
+        """Monotonic arrival time of the oldest waiting request (None when none waits).
+
+        Safe to call without the engine lock: a queue mutated meanwhile at worst gives a slightly
+        stale answer, which is fine for an autoscaling signal and never makes the step loop wait.
+        """
+        try:
+            arrivals = [q[0].arrival for q in list(self.queues.values()) if q]
+        except (RuntimeError, IndexError):  # a queue changed while being read
+            return None
+        return min(arrivals) if arrivals else None
+
     def running_of(self, adapter_id: str | None) -> int:
         return self._running_of.get(adapter_id, 0)
 

@@ -369,13 +369,6 @@ class ReplicaCore:
         """Metrics + engine stats of this replica, for /metrics and /admin/stats."""
         self._observe_adapter_loads()
         stats = self.engine.stats()
-        pool = self.engine.pool
-        adapters = dict(stats.get("adapters") or {})
-        # Bytes of the adapters resident in device slots (the slots' own allocation is device_slot_bytes).
-        adapters["device_adapter_bytes"] = sum(
-            r.nbytes for r in (pool.records.get(o) for o in list(pool.slots.occupant) if o is not None) if r is not None
-        )
-        stats["adapters"] = adapters
         return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "engine": stats}
 
     def _observe_adapter_loads(self) -> None:
@@ -418,7 +411,7 @@ class ReplicaCore:
             source = str(payload.get("source") or adapter_id)
             # Again here, with this replica's own roots (the ingress checked first): nothing is read
             # unless the source is a Hub id or resolves under a configured root.
-            engine.pool.check_source(source)
+            engine.check_adapter_source(source)
             revision = payload.get("revision")
             spec = AdapterSpec(adapter_id, source, str(revision) if revision else None)
             return engine.load_adapter(spec, preload=bool(payload.get("preload", True)))

@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -102,7 +101,7 @@ class ModelReplica:
         """Serve's custom autoscaling metrics (serve_app/autoscaling.py): the engine's load over all
         adapters, KV usage and the oldest queued request's age. Serve calls this on the replica's
         loop every `metrics_interval_s`; Engine.stats() only takes the engine lock briefly."""
-        return engine_load_stats(self.core.engine.stats(), oldest_waiting_age_s(self.core.engine))
+        return engine_load_stats(self.core.engine.stats(), self.core.engine.oldest_waiting_age_s())
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What AdapterAffinityRouter (serve_app/router.py) routes on: device-resident adapters + load."""
@@ -123,20 +122,6 @@ class ModelReplica:
 def device_adapters(engine: Any) -> list[str]:
     """Ids of the adapters in the engine's device slots (tier "device" in Engine.adapter_info())."""
     return sorted(str(a["id"]) for a in engine.adapter_info() if a.get("tier") == "device")
-
-
-def oldest_waiting_age_s(engine: Any) -> float:
-    """Age of the oldest request still waiting in the engine's adapter queues (0 when none).
-
-    Read without the engine lock: a queue mutated meanwhile at worst gives a slightly stale age,
-    which is fine for an autoscaling signal and keeps the step loop from ever waiting on this.
-    """
-    try:
-        queues = list(engine.scheduler.queues.values())
-        arrivals = [q[0].arrival for q in queues if q]
-    except (RuntimeError, IndexError, AttributeError):  # mutated while read / engine without queues
-        return 0.0
-    return max(0.0, time.monotonic() - min(arrivals)) if arrivals else 0.0
 
 
 class HandleBackend:

@@ -21,7 +21,7 @@ MAX_JSON_DEPTH = 32  # request bodies of this API nest 4 levels; 32 leaves room 
 INT_LIMIT = 2**64 - 1  # no integer field of this API is larger (seed is a u64, as in TGI)
 MAX_STOP_CHARS = 512  # per stop sequence: the detokenizer scans this much text on every token
 _MAX_SHOWN_CHARS = 60  # of an offending value quoted back in an error message
-# A JSON `\uXXXX` escape of a UTF-16 surrogate. Raw surrogate bytes cannot pass strict UTF-8
+# A JSON `\u` escape of a UTF-16 surrogate (`\ud800` to `\udfff`). Raw surrogate bytes cannot pass strict UTF-8
 # decoding, so a body without this escape (most have no backslash at all) cannot hold a lone
 # surrogate and skips that check.
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
