@@ -279,11 +279,36 @@ def _replica_counts(url: str) -> tuple[dict[str, set[str]], dict[tuple[str, str]
     return device, counts
 
 
+def _wait_router_reaches(url: str, want: int, timeout: float) -> None:
+    """Base-model requests (they load no adapter) until `want` replicas have answered one.
+
+    The controller reports a replica RUNNING before the ingress's router has it in its replica set
+    (that update arrives by long poll), and until then every request goes to the replica it knows."""
+    deadline = time.monotonic() + timeout
+
+    async def burst() -> None:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            rs = await asyncio.gather(*(client.post("/generate", json={
+                "inputs": PROMPT, "parameters": {"max_new_tokens": 1}}) for _ in range(6)))
+        assert all(r.status_code == 200 for r in rs), [r.text for r in rs]
+
+    while True:
+        asyncio.run(burst())
+        _, counts = _replica_counts(url)
+        served = {rid for (rid, _adapter), n in counts.items() if n > 0}
+        if len(served) >= want:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"requests reached only {sorted(served)} after {timeout}s")
+        time.sleep(0.5)
+
+
 def test_affinity_routing_keeps_adapters_on_their_replica(serve_instance: ServeInstance) -> None:
     # A changed engine arg (seed) makes both replicas new: no adapter is resident anywhere yet.
     serve_instance.deploy(model_replicas=2, affinity_routing=True, affinity_imbalance_threshold=8, seed=7)
     _wait_replicas(serve_instance, 2, timeout=120)
     url = serve_instance.url
+    _wait_router_reaches(url, 2, timeout=60)
 
     async def first_requests() -> None:
         # One request per adapter, all at once: with no holder anywhere the router takes the less
