@@ -10,10 +10,9 @@ broken adapter is not retried in a loop. Every load, background or synchronous, 
 `load_timeout_s` (engine/adapter_loads.py): a hung one fails its requests at the deadline and
 stops holding back the loads of other adapters.
 
-Reads are confined (engine/adapter_source.py): an adapter registered from a Hub id is read only
-from that repo's folder in the Hub cache, one whose source lies under an `adapter_source_roots`
-root only from under that root, every file resolved again at every read. Adapters the operator
-listed outside every root are read where they are.
+The tiers' parts: reading from the source (confined to its root) is engine/adapter_reader.py, the
+records and the host LRU engine/adapter_host_cache.py, the device slots engine/adapter_slots.py.
+Adapters the operator listed outside every source root are read where they are.
 """
 
 from __future__ import annotations
@@ -21,63 +20,26 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.adapter_config import base_model_mismatch
+from engine.adapter_host_cache import AdapterRecord, HostCache, PoolCounters
 from engine.adapter_loads import LoadJob, LoadRunner
+from engine.adapter_reader import read_adapter
 from engine.adapter_slots import AdapterSlots
 from engine.adapter_source import check_source, is_hub_id, root_of
-from engine.adapter_weights import BIN_FILE, SAFETENSORS_FILE, WEIGHT_FILES
-from engine.adapters import CONFIG_FILE, LoraAdapter, load_peft_adapter
+from engine.adapters import LoraAdapter, weights_digest
 from engine.config import AdapterSpec
 from engine.errors import AdapterBusyError, AdapterLoadError, UnknownAdapterError
-from engine.hub import hub_repo_dir, resolve_local_dir
 from engine.model_arch import ModelArch
+from engine.prefix_cache import identity_of
+from engine.stats import AdapterPoolStats
 
-ADAPTER_FILE_PATTERNS = [CONFIG_FILE, SAFETENSORS_FILE, "*.md"]
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterRecord:
-    """Everything known about one registered adapter, whichever tier it is in."""
-
-    spec: AdapterSpec
-    adapter: LoraAdapter | None = None  # the host copy; None while only on the source
-    rank: int | None = None
-    targets: tuple[str, ...] = ()
-    nbytes: int = 0
-    requests_served: int = 0
-    last_used: float = 0.0
-    source_reads: int = 0
-    dynamic: bool = False
-    # Where its files must lie (set at registration): the Hub repo's cache folder, or the allowed
-    # root its source is under; neither for an operator-listed directory outside every root.
-    from_hub: bool = False
-    allowed_root: Path | None = None
-    # What the adapter says it was trained on, and whether that is not the served base (a warning:
-    # it still loads when its shapes fit).
-    base_model_name_or_path: str | None = None
-    base_model_mismatch: bool = False
-
-
-@dataclass
-class PoolCounters:
-    device_hits: int = 0
-    device_misses: int = 0
-    host_hits: int = 0
-    host_misses: int = 0
-    source_loads: int = 0
-    load_failures: int = 0
-    host_evictions: int = 0
-    device_evictions: int = 0
-    load_seconds: list[float] = field(default_factory=list)  # bounded: see _record_latency
 
 
 class AdapterPool:
@@ -102,7 +64,6 @@ class AdapterPool:
         self.max_rank = max_rank
         self.dtype = dtype
         self.device = device
-        self.host_cache_bytes = host_cache_bytes
         self.hub_cache_dir = hub_cache_dir
         self.allow_dynamic = allow_dynamic
         self.local_roots = tuple(Path(r).resolve() for r in local_roots)
@@ -112,9 +73,7 @@ class AdapterPool:
         self.base_model_names = base_model_names
         self.slots = AdapterSlots(arch, num_slots, max_rank, dtype, device)
         self.records: dict[str, AdapterRecord] = {}
-        self.host_lru: OrderedDict[str, None] = OrderedDict()  # host-resident ids, least recent first
-        self.host_bytes = 0
-        self._slot_lru: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_slots))
+        self.host = HostCache(host_cache_bytes)
         self._failed: dict[str, tuple[float, AdapterLoadError]] = {}
         self._new_failures: list[tuple[str, AdapterLoadError]] = []
         self._lock = threading.RLock()
@@ -184,12 +143,10 @@ class AdapterPool:
         with self._lock:
             if adapter_id not in self.records:
                 raise UnknownAdapterError(adapter_id, self.ids())
-            slot = self.slots.slot_of(adapter_id)
-            if slot is not None and self.slots.pins[slot]:
-                raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
+            slot = self._unpinned_slot(adapter_id)
             if slot is not None:
                 self.slots.clear(slot)
-            self._drop_host(adapter_id)
+            self.host.drop(adapter_id)
             del self.records[adapter_id]
 
     def reload(self, adapter_id: str) -> AdapterRecord:
@@ -198,41 +155,36 @@ class AdapterPool:
             record = self.records.get(adapter_id)
             if record is None:
                 raise UnknownAdapterError(adapter_id, self.ids())
-            slot = self.slots.slot_of(adapter_id)
-            if slot is not None and self.slots.pins[slot]:
-                raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
+            self._unpinned_slot(adapter_id)  # refused now rather than after the read
         adapter = self._read_bounded(record)
         with self._lock:
-            slot = self.slots.slot_of(adapter_id)
-            if slot is not None and not self.slots.pins[slot]:
+            # Pinned while the files were read? The slot cannot change under a running sequence, and new
+            # weights beside it would leave later requests on the old ones: refused as above.
+            slot = self._unpinned_slot(adapter_id)
+            if slot is not None:
                 self.slots.clear(slot)
-            self._drop_host(adapter_id)
+            self.host.drop(adapter_id)
             self._put_host(record, adapter)
         return record
 
+    def _unpinned_slot(self, adapter_id: str) -> int | None:
+        """The adapter's device slot (None: not on the device); AdapterBusyError while running sequences
+        pin it, since its weights cannot change under them. Called under the lock."""
+        slot = self.slots.slot_of(adapter_id)
+        if slot is not None and self.slots.pins[slot]:
+            raise AdapterBusyError(adapter_id, f"in use by {self.slots.pins[slot]} running sequences")
+        return slot
+
     # ---- source -> host -----------------------------------------------------------------------
     def _read(self, record: AdapterRecord) -> LoraAdapter:
-        spec = record.spec
         start = time.perf_counter()
         with self._lock:
             record.source_reads += 1
-        try:
-            directory = resolve_local_dir(spec.source, spec.revision, self.hub_cache_dir, ADAPTER_FILE_PATTERNS)
-            if record.from_hub and not any((Path(directory) / name).exists() for name in WEIGHT_FILES):
-                # A repo without safetensors weights: fetch PEFT's older adapter_model.bin, and only
-                # then (as PEFT does), from the same commit (the snapshot folder's name).
-                directory = resolve_local_dir(spec.source, Path(directory).name, self.hub_cache_dir, [BIN_FILE])
-        except FileNotFoundError as exc:
-            raise AdapterLoadError(spec.adapter_id, str(exc)) from exc
-        root = hub_repo_dir(spec.source, self.hub_cache_dir) if record.from_hub else record.allowed_root
-        adapter = load_peft_adapter(spec.adapter_id, Path(directory), self.arch, self.max_rank, self.dtype, spec.source,
-                                    allowed_root=root)
-        if self.device.startswith("cuda"):
-            # Page-locked host copies make the later host-to-device copy asynchronous and fast.
-            adapter = _pin_memory(adapter)
+        adapter = read_adapter(record.spec, from_hub=record.from_hub, allowed_root=record.allowed_root, arch=self.arch,
+                               max_rank=self.max_rank, dtype=self.dtype, device=self.device,
+                               hub_cache_dir=self.hub_cache_dir)
         with self._lock:
-            self.counters.source_loads += 1
-            self._record_latency(time.perf_counter() - start)
+            self.counters.record_load(time.perf_counter() - start)
         return adapter
 
     def _read_bounded(self, record: AdapterRecord) -> LoraAdapter:
@@ -242,25 +194,8 @@ class AdapterPool:
         except TimeoutError as exc:
             raise AdapterLoadError(record.spec.adapter_id, str(exc)) from exc
 
-    def _record_latency(self, seconds: float) -> None:
-        lat = self.counters.load_seconds
-        lat.append(seconds)
-        if len(lat) > 4096:
-            del lat[: len(lat) - 4096]
-
     def _put_host(self, record: AdapterRecord, adapter: LoraAdapter) -> None:
-        if adapter.nbytes > self.host_cache_bytes:
-            raise AdapterLoadError(
-                adapter.adapter_id, f"needs {adapter.nbytes} bytes, more than host_cache_bytes={self.host_cache_bytes}"
-            )
-        self._drop_host(adapter.adapter_id)
-        while self.host_bytes + adapter.nbytes > self.host_cache_bytes:
-            victim = self._host_victim()
-            if victim is None:
-                break
-            self._drop_host(victim)
-            self.counters.host_evictions += 1
-        record.adapter = adapter
+        self.counters.host_evictions += self.host.put(record, adapter)
         record.rank = adapter.rank
         record.targets = adapter.targets
         record.nbytes = adapter.nbytes
@@ -269,20 +204,14 @@ class AdapterPool:
         if record.base_model_mismatch:
             log.warning("adapter %r names base model %r, which is not the served base %r; its shapes fit, so it "
                         "is served", adapter.adapter_id, adapter.base_model, self.base_model_names[0])
-        self.host_lru[adapter.adapter_id] = None
-        self.host_bytes += adapter.nbytes
 
-    def _host_victim(self) -> str | None:
-        # Any host copy may go, also one whose adapter sits in a device slot (the slot keeps working).
-        return next(iter(self.host_lru), None)
+    @property
+    def host_bytes(self) -> int:
+        return self.host.nbytes
 
-    def _drop_host(self, adapter_id: str) -> None:
-        if adapter_id in self.host_lru:
-            del self.host_lru[adapter_id]
-            record = self.records.get(adapter_id)
-            if record is not None and record.adapter is not None:
-                self.host_bytes -= record.adapter.nbytes
-                record.adapter = None
+    @property
+    def host_cache_bytes(self) -> int:
+        return self.host.budget_bytes
 
     def _start_load(self, adapter_id: str) -> None:
         if self._loads.pending(adapter_id):
@@ -348,7 +277,7 @@ class AdapterPool:
                 if record.adapter is None:
                     self._start_load(adapter_id)
                     return None
-                slot = self._free_or_lru_slot()
+                slot = self.slots.slot_to_fill()
                 if slot is None:  # every slot is pinned by running sequences: wait for one to finish
                     return None
                 self.counters.device_misses += 1
@@ -356,21 +285,28 @@ class AdapterPool:
                 if self.slots.occupant[slot] is not None:
                     self.counters.device_evictions += 1
                 self.slots.write(slot, record.adapter, non_blocking=self.device.startswith("cuda"))
-                self.host_lru.move_to_end(adapter_id)
+                self.host.touch(adapter_id)
             self.slots.pin(slot)
-            self._slot_lru.move_to_end(slot)
+            self.slots.touch(slot)
             record.requests_served += 1
             record.last_used = time.time()
             return slot
 
-    def _free_or_lru_slot(self) -> int | None:
-        for slot in self._slot_lru:
-            if self.slots.occupant[slot] is None:
-                return slot
-        for slot in self._slot_lru:  # least recently used first
-            if self.slots.pins[slot] == 0:
-                return slot
-        return None
+    def cache_identity(self, adapter_id: str, slot: int | None = None) -> str | None:
+        """The prefix-cache identity (engine/prefix_cache.py) of `adapter_id`'s weights: those in `slot`
+        (pinned by the caller), or without one those acquire() would pin now (its device slot, else its
+        host copy); None while neither holds it."""
+        with self._lock:
+            if slot is None:
+                slot = self.slots.slot_of(adapter_id)
+            if slot is not None:
+                if self.slots.occupant[slot] != adapter_id:
+                    return None
+                return identity_of(adapter_id, self.slots.digest[slot])
+            record = self.records.get(adapter_id)
+            if record is None or record.adapter is None:
+                return None
+            return identity_of(adapter_id, record.adapter.weights_digest or weights_digest(record.adapter.weights))
 
     def release(self, adapter_id: str, slot: int) -> None:
         with self._lock:
@@ -410,43 +346,34 @@ class AdapterPool:
                 for adapter_id, r in self.records.items()
             ]
 
-    def stats(self) -> dict[str, object]:
+    def stats(self) -> AdapterPoolStats:
+        """Counts, bytes and counters of every tier, read together under the pool's lock."""
         with self._lock:
             c = self.counters
-            return {
-                "adapters_registered": len(self.records),
-                "adapters_host": len(self.host_lru),
-                "adapters_device": sum(1 for o in self.slots.occupant if o is not None),
-                "adapters_loading": self._loads.count(),
-                "host_bytes": self.host_bytes,
-                "host_cache_bytes": self.host_cache_bytes,
-                "device_slot_bytes": self.slots.nbytes,
-                # bytes of the adapters resident in device slots (the slots' allocation is device_slot_bytes)
-                "device_adapter_bytes": sum(
-                    self.records[o].nbytes for o in self.slots.occupant if o is not None and o in self.records
-                ),
-                "device_hits": c.device_hits,
-                "device_misses": c.device_misses,
-                "host_hits": c.host_hits,
-                "host_misses": c.host_misses,
-                "source_loads": c.source_loads,
-                "load_failures": c.load_failures,
-                "host_evictions": c.host_evictions,
-                "device_evictions": c.device_evictions,
-            }
+            resident = [o for o in self.slots.occupant if o is not None]
+            return AdapterPoolStats(
+                adapters_registered=len(self.records),
+                adapters_host=len(self.host),
+                adapters_device=len(resident),
+                adapters_loading=self._loads.count(),
+                host_bytes=self.host.nbytes,
+                host_cache_bytes=self.host.budget_bytes,
+                device_slot_bytes=self.slots.nbytes,
+                device_adapter_bytes=sum(self.records[o].nbytes for o in resident if o in self.records),
+                device_hits=c.device_hits,
+                device_misses=c.device_misses,
+                host_hits=c.host_hits,
+                host_misses=c.host_misses,
+                source_loads=c.source_loads,
+                load_failures=c.load_failures,
+                host_evictions=c.host_evictions,
+                device_evictions=c.device_evictions,
+                device_adapters=tuple(sorted(o for o in resident if o in self.records)),
+                load_seconds=tuple(c.load_seconds),
+            )
 
     def shutdown(self) -> None:
         self._loads.shutdown()
         if isinstance(self._executor, ThreadPoolExecutor):
             self._executor.shutdown(wait=False, cancel_futures=True)
 
-
-def _pin_memory(adapter: LoraAdapter) -> LoraAdapter:
-    from dataclasses import replace
-
-    from engine.adapters import LoraModuleWeights
-
-    pinned = {
-        key: LoraModuleWeights(w.lora_a.pin_memory(), w.lora_b.pin_memory(), w.scaling) for key, w in adapter.weights.items()
-    }
-    return replace(adapter, weights=pinned)

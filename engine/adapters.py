@@ -23,6 +23,7 @@ NaN or Inf when any value is):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Callable
@@ -70,10 +71,29 @@ class LoraAdapter:
     targets: tuple[str, ...]
     weights: dict[tuple[int, str], LoraModuleWeights]
     base_model: str | None
+    # sha256 of what it computes with (weights_digest()): the prefix cache shares K/V only between
+    # sequences of the same adapter id and digest, so a reload with other weights never reuses blocks.
+    weights_digest: str = ""
 
     @property
     def nbytes(self) -> int:
         return sum(w.lora_a.nbytes + w.lora_b.nbytes for w in self.weights.values())
+
+
+def weights_digest(weights: dict[tuple[int, str], LoraModuleWeights]) -> str:
+    """sha256 over every module's position, scaling, dtype, shapes and tensor bytes, in (layer, module) order.
+
+    Taken from the validated tensors as served (cast to the serving dtype), so it names exactly the
+    deltas applied: equal digests compute equal K/V, whichever file format they were read from.
+    """
+    digest = hashlib.sha256()
+    for (layer, module), w in sorted(weights.items()):
+        digest.update(f"{layer}.{module}:{w.scaling!r}:".encode())
+        for tensor in (w.lora_a, w.lora_b):
+            flat = tensor.detach().cpu().contiguous()
+            digest.update(f"{flat.dtype}{list(flat.shape)}".encode())
+            digest.update(flat.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def max_weights_bytes(arch: ModelArch, max_rank: int) -> int:
@@ -226,4 +246,5 @@ def load_peft_adapter(
         targets=tuple(m for m in TARGET_MODULES if any(mod == m for _, mod in weights)),
         weights=weights,
         base_model=config.base_model_name_or_path,
+        weights_digest=weights_digest(weights),
     )

@@ -10,10 +10,13 @@ batch-mate whose adapter produced NaN/Inf, or a freed block's stale contents) wo
 even though the mask hides it. Hence `padded_kv_slots` pads with each row's own position 0, and
 no read ever reaches past a row's length into the unwritten tail of its last block.
 
-Two paths attend over the cache: the torch path below (gathers each row's K/V into a padded batch,
-then SDPA; the reference and test oracle) and, on the CPU, the native op of `engine.cpu_attention`,
+Three paths attend over the cache: the torch path below (gathers each row's K/V into a padded batch,
+then SDPA; the reference and test oracle); on the CPU, the native op of `engine.cpu_attention`,
 which reads each row's K/V once, in place, through the block tables (`PagedRows`) and never reads a
-padded slot at all. The model runner picks one per engine and builds only that path's metadata.
+padded slot at all; and the Triton paged kernels of `kernels.triton_attention` (`KernelRows`: the
+default on CUDA, and on the CPU under Triton's interpreter when asked), which also walk the block
+tables in place. The model runner picks one per engine (`engine.attention_backend`) and builds only
+that path's metadata.
 """
 
 from __future__ import annotations
@@ -37,12 +40,18 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        pad_block: bool | None = None,
     ) -> None:
-        shape = (num_layers, num_blocks * block_size, num_kv_heads, head_dim)
+        # One block past the block manager's: padding rows of a CUDA-graph decode step write their K/V
+        # into its first slot (`pad_slot`), which no sequence owns and none reads. None: on CUDA only.
+        if pad_block is None:
+            pad_block = torch.device(device).type == "cuda"
+        shape = (num_layers, (num_blocks + int(pad_block)) * block_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.pad_slot: int | None = num_blocks * block_size if pad_block else None
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -85,6 +94,17 @@ class PagedRows:
     row_seq: torch.Tensor  # [T] int64
 
 
+@dataclass(frozen=True)
+class KernelRows:
+    """The Triton path's view of a step: batch rows [0, num_prefill_seqs) are prefill chunks whose tokens
+    are rows query_start[n]:query_start[n + 1] of q; the other rows are one decode token each."""
+
+    block_tables: torch.Tensor  # [N, max_blocks] int64, -1 past each sequence's last block
+    context_lens: torch.Tensor  # [N] int64, this step's tokens included
+    query_start: torch.Tensor  # [num_prefill_seqs + 1] int64 over the prefill rows, num_prefill_tokens last
+    num_prefill_seqs: int
+
+
 @dataclass
 class PrefillSpan:
     """A chunk of one sequence's prompt in this step: rows [start, start+length) of the batch."""
@@ -117,6 +137,8 @@ class AttentionBatch:
     decode_groups: list[DecodeGroup]
     # Set when the native op attends (then `prefills` and `decode_groups` are empty: torch path only).
     paged_rows: PagedRows | None = None
+    # Set when the Triton kernels attend (then `prefills` and `decode_groups` are empty too).
+    kernel_rows: KernelRows | None = None
 
 
 def paged_attention(
@@ -143,6 +165,9 @@ def paged_attention(
         rows = attn.paged_rows
         return op(q, k_cache, v_cache, rows.block_tables, rows.row_seq, attn.positions, kv.block_size, scale,
                   sliding_window or 0)
+    if attn.kernel_rows is not None:
+        return _kernel_attention(q, k_cache, v_cache, kv.block_size, attn.num_prefill_tokens, attn.kernel_rows,
+                                 scale, sliding_window)
     out = torch.empty_like(q)
     gqa = q.shape[1] != k.shape[1]
     for span in attn.prefills:
@@ -172,4 +197,32 @@ def paged_attention(
             enable_gqa=gqa,
         )
         out[group.start : group.end] = o.squeeze(2)
+    return out
+
+
+def _kernel_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_size: int,
+    num_prefill_tokens: int,
+    rows: KernelRows,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Prefill chunks through the varlen prefill kernel, decode rows through the decode kernel, in place."""
+    from kernels import triton_attention  # imported on use: Triton is optional where this path is not taken
+
+    out = torch.empty_like(q)
+    p, n = num_prefill_tokens, rows.num_prefill_seqs
+    if p:
+        triton_attention.paged_prefill_attention(
+            q[:p], k_cache, v_cache, rows.block_tables[:n], rows.query_start, rows.context_lens[:n], block_size,
+            scale, sliding_window, out=out[:p],
+        )
+    if p < q.shape[0]:
+        triton_attention.paged_decode_attention(
+            q[p:], k_cache, v_cache, rows.block_tables[n:], rows.context_lens[n:], block_size, scale,
+            sliding_window, out=out[p:],
+        )
     return out

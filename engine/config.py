@@ -9,6 +9,8 @@ import torch
 
 # engine/scheduler.py implements them; listed here so a config is checked before anything loads
 SCHEDULING_POLICIES = ("fair", "round_robin")
+# engine/attention_backend.py resolves them (what "auto" means on each device)
+ATTENTION_BACKENDS = ("auto", "torch", "native", "triton")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,6 +46,11 @@ class EngineConfig:
     # KV cache
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from kv_cache_bytes
+    # Prefix caching (vLLM v1's automatic prefix caching, engine/block_manager.py): full KV blocks are
+    # reused by later requests with the same leading tokens and the same adapter identity (its id and
+    # a sha256 of its weights; the base model is its own). On by default: greedy float32 outputs are
+    # token-identical with it on and off (tests/test_prefix_cache.py, tests/test_engine_fidelity.py).
+    enable_prefix_caching: bool = True
     kv_cache_bytes: int = 512 * 1024**2
     max_model_len: int | None = None  # None: the model's max_position_embeddings (capped at 8192)
     # batching
@@ -103,12 +110,17 @@ class EngineConfig:
     adapter_load_timeout_s: float = 60.0
     # kernels: "auto" (Triton on CUDA), "torch", "triton"
     lora_backend: str = "auto"
+    # attention: "auto" (Triton paged kernels on CUDA, the native op on the CPU when it builds),
+    # "torch" (gather + SDPA, the reference), "native" (CPU only), "triton" (on the CPU: TRITON_INTERPRET=1)
+    attention_backend: str = "auto"
+    # True: never capture CUDA graphs (every decode step runs eagerly), as vLLM's --enforce-eager.
+    # Graphs are only ever used on CUDA with the Triton attention path; the CPU always runs eagerly.
+    enforce_eager: bool = False
     seed: int = 0
     # "safetensors": the model directory's weights; "dummy": random weights of the config's shape,
     # made on the device (as vLLM's --load-format dummy) for benchmarks of large shapes.
     load_format: str = "safetensors"
     hub_cache_dir: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -130,6 +142,14 @@ class EngineConfig:
         timeout = self.adapter_load_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
             raise ValueError(f"adapter_load_timeout_s must be a positive number of seconds, got {timeout!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"attention_backend must be one of {list(ATTENTION_BACKENDS)}, got {self.attention_backend!r}"
+            )
+        if not isinstance(self.enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.load_format not in ("safetensors", "dummy"):
             raise ValueError(f"load_format must be 'safetensors' or 'dummy', got {self.load_format!r}")
         self._validate_scheduling()

@@ -44,15 +44,19 @@ class OverloadedError(EngineError):
 
     Raised at submit, before anything is queued. `retry_after_s` estimates when retrying could
     succeed (the adapter's queue drain time at its recent admission rate); `adapter_id` is the
-    adapter refused (None = the base model).
+    adapter refused (None = the base model). `scope` says what is full: "adapter" (this adapter's
+    own bound or its share of the queue: other adapters are still admitted) or "replica" (the whole
+    waiting queue past its hard limit, a busy grammar compiler: every request is refused alike).
     """
 
     error_type = "overloaded"
 
-    def __init__(self, message: str, retry_after_s: float = 1.0, adapter_id: str | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float = 1.0, adapter_id: str | None = None,
+                 scope: str = "adapter") -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
         self.adapter_id = adapter_id
+        self.scope = scope
 
 
 class QueueTimeoutError(EngineError):

@@ -6,10 +6,8 @@
   request's loop (`Engine.generate`), and inside a child process (engine/grammar_worker.py) that is
   killed at `COMPILE_TIMEOUT_S` and whose memory is capped: a hostile schema gets a 422 and costs
   the server one core for at most that long, never the step thread.
-- `RequestGrammar` is one request's matcher; the engine advances it with each sampled token.
-- `grammar_mask` fills one [rows with a grammar, vocab] bitmask per step with xgrammar's batched call
-  and `GrammarMask.apply` masks those logits rows with one gather and one fill; other rows are not
-  touched (their tokens stay identical with and without grammar requests in the batch).
+- Per request and per step (engine/grammar_mask.py): `RequestGrammar`, one request's matcher, and
+  the batch masks applied to the logits.
 
 Why xgrammar: measured against llguidance and outlines-core on SmolLM2's 49,152-token vocabulary
 (`python -m loadtests.bench_grammar --libraries`, results in loadtests/results/grammar/): the
@@ -33,13 +31,13 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from engine.errors import EngineError, InvalidRequestError, OverloadedError
+from engine.grammar_mask import RequestGrammar, xgrammar_module
 from engine.sampling_params import GrammarSpec
 
 log = logging.getLogger("engine.grammar")
@@ -53,19 +51,13 @@ FAILURES_REMEMBERED = 1024  # a bad or hostile schema sent again is refused with
 _WORKER = Path(__file__).with_name("grammar_worker.py")
 
 
-def _xgrammar() -> Any:
-    import xgrammar
-
-    return xgrammar
-
-
 def tokenizer_info(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
     """xgrammar's view of the vocabulary: `vocab_size` = the model's logits width, specials blanked.
 
     xgrammar treats an empty token as special (never allowed, except a stop token where the grammar
     may end); left as text, `<|im_start|>` or `<s>` would be legal characters inside a JSON string.
     """
-    xgr = _xgrammar()
+    xgr = xgrammar_module()
     detected = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids)
     special = set(tokenizer.all_special_ids)
     special.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
@@ -90,79 +82,6 @@ def json_vocab_filter(info: Any) -> torch.Tensor:
     allowed[bad] = False
     words = (allowed.view(-1, 32).long() << torch.arange(32)).sum(1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-class RequestGrammar:
-    """One request's position in its grammar, and the vocabulary filter ANDed into its masks (or None)."""
-
-    def __init__(self, compiled: Any, vocab_filter: torch.Tensor | None = None) -> None:
-        self.matcher = _xgrammar().GrammarMatcher(compiled)
-        self.vocab_filter = vocab_filter
-
-    def accept(self, token_id: int) -> bool:
-        """Advance by one sampled token; False if the grammar does not allow it (then nothing changed)."""
-        return bool(self.matcher.accept_token(token_id))
-
-    @property
-    def terminated(self) -> bool:
-        """The grammar is complete and its stop token (EOS) was accepted."""
-        return bool(self.matcher.is_terminated())
-
-
-@dataclass(frozen=True)
-class GrammarMask:
-    """Allowed tokens of some rows of a logits batch: bit j % 32 of word j // 32 of a row = token j."""
-
-    rows: torch.Tensor  # [k] long: rows of the batch that have a grammar
-    bitmask: torch.Tensor  # [k, ceil(vocab / 32)] int32
-    all_rows: bool  # every row of the batch has a grammar (no gather needed)
-
-    def apply(self, logits: torch.Tensor) -> None:
-        """Set the disallowed logits of the masked rows to -inf, in place; other rows are not touched."""
-        k, vocab = self.bitmask.shape[0], logits.shape[1]
-        packed = self.bitmask.to(logits.device).view(torch.uint8)
-        if sys.byteorder == "big":  # bits 0-7 of a word are its last byte there
-            packed = packed.view(k, -1, 4).flip(-1).reshape(k, -1)
-        allowed = _bit_table(logits.device)[packed.long()].view(k, -1)[:, :vocab]
-        if self.all_rows:
-            logits.masked_fill_(~allowed, float("-inf"))
-            return
-        rows = self.rows.to(logits.device)
-        logits.index_copy_(0, rows, logits.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
-
-
-_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
-
-
-def _bit_table(device: torch.device) -> torch.Tensor:
-    """[256, 8] bool: the bits of each byte value, lowest first (a byte lookup beats 32 shifts per word)."""
-    table = _BIT_TABLES.get(device)
-    if table is None:
-        table = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool().to(device)
-        _BIT_TABLES[device] = table
-    return table
-
-
-class MaskFiller:
-    """Fills the bitmask of a step's grammar rows with one batched xgrammar call (its own threads)."""
-
-    def __init__(self) -> None:
-        self._batch: Any = None
-
-    def mask(self, grammars: list[RequestGrammar | None], vocab_size: int) -> GrammarMask | None:
-        rows = [i for i, g in enumerate(grammars) if g is not None]
-        if not rows:
-            return None
-        xgr = _xgrammar()
-        if self._batch is None:
-            self._batch = xgr.BatchGrammarMatcher(max_threads="auto")
-        bitmask = torch.empty(len(rows), (vocab_size + 31) // 32, dtype=torch.int32)
-        matchers = [grammars[i].matcher for i in rows]  # type: ignore[union-attr]
-        self._batch.batch_fill_next_token_bitmask(matchers, bitmask)
-        filtered = [j for j, i in enumerate(rows) if grammars[i].vocab_filter is not None]  # type: ignore[union-attr]
-        if filtered:  # one engine, one vocabulary: every filter in a batch is the same tensor
-            bitmask[filtered] &= grammars[rows[filtered[0]]].vocab_filter  # type: ignore[union-attr,operator]
-        return GrammarMask(torch.tensor(rows, dtype=torch.long), bitmask, len(rows) == len(grammars))
 
 
 # ---- compiling --------------------------------------------------------------------------------------
@@ -336,7 +255,7 @@ class GrammarCompiler:
     def _compile_now(self, spec: GrammarSpec) -> Any:
         if not self._worker_lock.acquire(timeout=QUEUE_TIMEOUT_S):
             raise OverloadedError("the grammar compiler is busy with other schemas; retry later",
-                                  retry_after_s=self.timeout_s)
+                                  retry_after_s=self.timeout_s, scope="replica")
         try:
             if self._closed:
                 raise EngineError("the engine is shutting down")
@@ -361,7 +280,7 @@ class GrammarCompiler:
             if reply[:1] == b"E":
                 what = "JSON schema" if spec.type == "json" else "regex"
                 raise InvalidRequestError("grammar", f"invalid {what}: {reply[1:].decode(errors='replace')}")
-            return _xgrammar().CompiledGrammar.deserialize_json(reply[1:].decode(), self._tokenizer_info())
+            return xgrammar_module().CompiledGrammar.deserialize_json(reply[1:].decode(), self._tokenizer_info())
         finally:
             self._worker_lock.release()
 

@@ -31,7 +31,7 @@ class LoraWeights:
     """Stacked device slots of one target module in one layer (owned by the adapter slot table)."""
 
     lora_a: torch.Tensor  # [S, R, in]
-    lora_b: torch.Tensor  # [S, out, R]
+    lora_b: torch.Tensor  # [S, out, R]; the slot table's is a view of [S, R, out] memory (see AdapterSlots)
     scaling: torch.Tensor  # [S]
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -35,3 +36,16 @@ class RequestOutput:
     top_tokens: tuple[tuple[TokenInfo, ...], ...] = ()
     adapter_id: str | None = None
     token_ids: tuple[int, ...] = field(default_factory=tuple)
+
+
+def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput | None:
+    """A request's streamed outputs as one final output with every token's details (None: it did not finish).
+
+    The one place that gathers a stream: `Engine.complete` and the replica's non-streamed requests.
+    """
+    if not outputs or not outputs[-1].finished:
+        return None
+    tokens = tuple(t for out in outputs for t in out.tokens)
+    top = tuple(alts for out in outputs for alts in out.top_tokens)
+    prefill = next((out.prefill for out in reversed(outputs) if out.prefill), ())
+    return replace(outputs[-1], tokens=tokens, top_tokens=top, prefill=prefill)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.grammar import RequestGrammar
+from engine.grammar_mask import RequestGrammar
 from engine.sampling_params import SamplingParams
 
 
@@ -27,17 +27,13 @@ class Sequence:
     seed: int | None = None
     generator: torch.Generator | None = None
     output_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
-    top_tokens: list[list[tuple[int, float]]] = field(default_factory=list)
     num_computed: int = 0  # tokens whose K/V are in the cache
     num_charged: int = 0  # positions charged to the adapter's fair-share counter (recompute is free)
     adapter_slot: int = -1  # device slot while running; -1 = base or not resident
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
-    abort_requested: bool = False
     grammar: RequestGrammar | None = None  # structured output: its matcher, advanced by the engine per token
 
     @property

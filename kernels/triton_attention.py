@@ -17,11 +17,13 @@ window, inside the block table), so stale slots, unused table entries (-1) and o
 Within a prefill tile a column's load mask is shared by all rows, so what one row may not see but another
 may (its causal future in the chunk, keys just out of its window) is loaded, its own sequence's finite
 data, and weighted exactly zero.
+
+Tile sizes and warps per dtype and head dim come from the device's entry in `kernels.tuning`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -29,37 +31,15 @@ import triton.language as tl
 
 from kernels.attention_reference import check_decode_args, check_prefill_args
 from kernels.triton_common import dot_precision, upcast_dot
+from kernels.tuning import AttentionTiling, tuning_for
 
-__all__ = ["TileConfig", "paged_decode_attention", "paged_prefill_attention", "tile_config"]
+__all__ = ["paged_decode_attention", "paged_prefill_attention"]
 
 # tl.dot needs every block dim >= 16.
 _MIN_DOT_DIM = 16
 # "No window" is a window wider than any context: one code path, no extra compiled variant.
 _NO_WINDOW = 2**31 - 1
 _LOG2_E = 1.4426950408889634
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Keys per inner-loop tile, the most query rows (tokens x heads of a group) per prefill tile, warps."""
-
-    block_n: int
-    max_block_m: int
-    num_warps: int
-
-
-def tile_config(dtype: torch.dtype, block_d: int) -> TileConfig:
-    """Tiles that fit sm_90 registers for head dims up to 256: ptxas -v on the kernels specialized as the
-    JIT does (unit inner strides, 16-byte aligned rows) shows no spills for fp16/bf16 and at most 16 bytes
-    for fp32, where 4 warps or 32-key tiles spill hundreds. Public so a GPU sweep can patch it.
-    """
-    wide = block_d > 128
-    if dtype == torch.float32:
-        # IEEE fp32 dots run on the FMA units with their operands in registers: smaller tiles, more warps.
-        return TileConfig(block_n=32 if wide else 64, max_block_m=16 if wide else 32, num_warps=8)
-    return TileConfig(block_n=32 if wide else 64, max_block_m=64, num_warps=8 if wide else 4)
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +76,46 @@ def _online_softmax_step(
         pv = tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
     acc = acc * alpha[:, None] + pv
     return m_new, l_i, acc
+
+
+@triton.jit
+def _load_kv_tile(
+    table,
+    k_head,
+    v_head,
+    pos,
+    lo,
+    hi,
+    block_size,
+    max_blocks,
+    offs_d,
+    d_mask,
+    stride_tm,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+):
+    """K^T [D, N] and V [N, D] of key positions `pos` through one block table, and which were loaded.
+
+    Only positions in [lo, hi) are loaded; masked lanes read 0, never a slot the row may not see.
+    """
+    logical_block = pos // block_size
+    # The table-width test only keeps reads in bounds when a caller breaks the contract.
+    loadable = (pos >= lo) & (pos < hi) & (logical_block < max_blocks)
+    block = tl.load(table + logical_block * stride_tm, mask=loadable, other=0).to(tl.int64)
+    slots = block * block_size + (pos % block_size)
+    k_tile = tl.load(
+        k_head + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
+        mask=loadable[None, :] & d_mask[:, None],
+        other=0.0,
+    )
+    v_tile = tl.load(
+        v_head + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+        mask=loadable[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    return k_tile, v_tile, loadable
 
 
 @triton.jit
@@ -158,21 +178,10 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for start in range((lo // BLOCK_N) * BLOCK_N, ctx, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        logical_block = pos // block_size
-        # The table-width test only keeps reads in bounds when a caller breaks the contract.
-        visible = (pos >= lo) & (pos < ctx) & (logical_block < max_blocks)
-        block = tl.load(table + logical_block * stride_tm, mask=visible, other=0).to(tl.int64)
-        slots = block * block_size + (pos % block_size)
-        k_tile = tl.load(
-            k_head + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=visible[None, :] & d_mask[:, None],
-            other=0.0,
-        )
-        v_tile = tl.load(
-            v_head + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=visible[:, None] & d_mask[None, :],
-            other=0.0,
-        )
+        k_tile, v_tile, visible = _load_kv_tile(
+            table, k_head, v_head, pos, lo, ctx, block_size, max_blocks, offs_d, d_mask,
+            stride_tm, stride_ks, stride_kd, stride_vs, stride_vd,
+        )  # fmt: skip
         m_i, l_i, acc = _online_softmax_step(
             q, k_tile, v_tile, visible[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION, UPCAST_DOT
         )
@@ -278,20 +287,10 @@ def _paged_prefill_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         pos = start + tl.arange(0, BLOCK_N)
-        logical_block = pos // block_size
-        loadable = (pos >= lo) & (pos < hi) & (logical_block < max_blocks)
-        block = tl.load(table + logical_block * stride_tm, mask=loadable, other=0).to(tl.int64)
-        slots = block * block_size + (pos % block_size)
-        k_tile = tl.load(
-            k_head + slots[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-            mask=loadable[None, :] & d_mask[:, None],
-            other=0.0,
-        )
-        v_tile = tl.load(
-            v_head + slots[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-            mask=loadable[:, None] & d_mask[None, :],
-            other=0.0,
-        )
+        k_tile, v_tile, loadable = _load_kv_tile(
+            table, k_head, v_head, pos, lo, hi, block_size, max_blocks, offs_d, d_mask,
+            stride_tm, stride_ks, stride_kd, stride_vs, stride_vd,
+        )  # fmt: skip
         distance = q_pos[:, None] - pos[None, :]
         visible = loadable[None, :] & (distance >= 0) & (distance < window)
         m_i, l_i, acc = _online_softmax_step(
@@ -317,6 +316,23 @@ def _window(sliding_window: int | None) -> int:
     return _NO_WINDOW if sliding_window is None else min(sliding_window, _NO_WINDOW)
 
 
+def _strides(*tensors: torch.Tensor) -> tuple[int, ...]:
+    """Every stride of q, k_cache, v_cache, block_tables and out, in the kernels' parameter order."""
+    return tuple(stride for t in tensors for stride in t.stride())
+
+
+def _shared_meta(q: torch.Tensor, group: int, block_d: int, tiles: AttentionTiling) -> dict[str, Any]:
+    """The meta-parameters both kernels take, decided the same way for both."""
+    return {
+        "QUERIES_PER_KV": group,
+        "BLOCK_N": tiles.block_n,
+        "BLOCK_D": block_d,
+        "DOT_PRECISION": dot_precision(q.dtype),
+        "UPCAST_DOT": upcast_dot(q),
+        "num_warps": tiles.num_warps,
+    }
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -329,49 +345,20 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_decode_args(q, k_cache, v_cache, block_tables, context_lens, block_size, sliding_window, out)
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     num_seqs, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[1]
     if num_seqs == 0 or num_heads == 0 or head_dim == 0:
         return out
-    group = num_heads // num_kv_heads
-    block_d = _block_d(head_dim)
-    tiles = tile_config(q.dtype, block_d)
+    num_kv_heads = k_cache.shape[1]
+    group, block_d = num_heads // num_kv_heads, _block_d(head_dim)
+    tiles = tuning_for(q.device).attention.pick(q.dtype, block_d)
     _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        context_lens,
-        out,
-        scale * _LOG2_E,
-        block_size,
-        block_tables.shape[1],
-        _window(sliding_window),
-        head_dim,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        block_tables.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        QUERIES_PER_KV=group,
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        scale * _LOG2_E, block_size, block_tables.shape[1], _window(sliding_window), head_dim,
+        *_strides(q, k_cache, v_cache, block_tables, out),
         BLOCK_G=max(_MIN_DOT_DIM, triton.next_power_of_2(group)),
-        BLOCK_N=tiles.block_n,
-        BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype),
-        UPCAST_DOT=upcast_dot(q),
-        num_warps=tiles.num_warps,
-    )
+        **_shared_meta(q, group, block_d, tiles),
+    )  # fmt: skip
     return out
 
 
@@ -395,54 +382,21 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_prefill_args(q, k_cache, v_cache, block_tables, query_start, context_lens, block_size, sliding_window, out)
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
-    num_kv_heads = k_cache.shape[1]
     if num_tokens == 0 or num_seqs == 0 or num_heads == 0 or head_dim == 0:
         return out
-    group = num_heads // num_kv_heads
-    block_d = _block_d(head_dim)
-    tiles = tile_config(q.dtype, block_d)
+    num_kv_heads = k_cache.shape[1]
+    group, block_d = num_heads // num_kv_heads, _block_d(head_dim)
+    tiles = tuning_for(q.device).attention.pick(q.dtype, block_d)
     block_m = _prefill_block_m(num_tokens, num_seqs, group, tiles.max_block_m)
     block_q = block_m // group
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    _paged_prefill_kernel[grid](
-        q,
-        k_cache,
-        v_cache,
-        block_tables,
-        query_start,
-        context_lens,
-        out,
-        scale * _LOG2_E,
-        block_size,
-        block_tables.shape[1],
-        _window(sliding_window),
-        head_dim,
-        num_seqs,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        v_cache.stride(0),
-        v_cache.stride(1),
-        v_cache.stride(2),
-        block_tables.stride(0),
-        block_tables.stride(1),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        QUERIES_PER_KV=group,
-        BLOCK_Q=block_q,
-        BLOCK_M=block_m,
-        BLOCK_N=tiles.block_n,
-        BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision(q.dtype),
-        UPCAST_DOT=upcast_dot(q),
-        num_warps=tiles.num_warps,
-    )
+    _paged_prefill_kernel[(num_tokens // block_q + num_seqs, num_kv_heads)](
+        q, k_cache, v_cache, block_tables, query_start, context_lens, out,
+        scale * _LOG2_E, block_size, block_tables.shape[1], _window(sliding_window), head_dim, num_seqs,
+        *_strides(q, k_cache, v_cache, block_tables, out),
+        BLOCK_Q=block_q, BLOCK_M=block_m,
+        **_shared_meta(q, group, block_d, tiles),
+    )  # fmt: skip
     return out

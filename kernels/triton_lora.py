@@ -11,7 +11,8 @@ is (segments, cdiv(T, BLOCK_M)[, out tiles]): the true segment lengths live on t
 them would be a host sync, so programs past their segment's end exit immediately.
 
 All kernels accumulate in fp32, take every tensor's strides (so `out` may be a column slice of a fused
-qkv / gate-up output), mask ragged edges, and treat slot -1 as "no adapter".
+qkv / gate-up output), mask ragged edges, and treat slot -1 as "no adapter". BGMV tile sizes, warps and
+the split-K target come from `kernels.tuning` (per device) or from an explicit `TritonLora(tiling)`.
 """
 
 from __future__ import annotations
@@ -23,20 +24,13 @@ import triton
 import triton.language as tl
 
 from kernels.triton_common import dot_precision, upcast_dot
+from kernels.tuning import LoraTiling, tuning_for
 
-__all__ = ["bgmv_expand", "bgmv_shrink", "sgmv_expand", "sgmv_shrink"]
+__all__ = ["TritonLora", "bgmv_expand", "bgmv_shrink", "sgmv_expand", "sgmv_shrink"]
 
 # When the kernels run under the interpreter (CPU tensors), there is no SM count to query; a small
 # number keeps the interpreted grids small while still exercising the split paths.
 _CPU_SM_COUNT = 4
-# Programs per SM to aim for in memory-bound launches: two waves hide the tail of the first.
-_PROGRAMS_PER_SM = 2
-# Elements per loaded BGMV tile and warps per BGMV program: 4-8K elements over 4 warps keeps several
-# 16-byte vector loads per thread in flight without spilling registers. Module-level so that
-# loadtests/gpu_check.py can sweep them on a real card.
-_TILE_ELEMS = 4096
-_BGMV_NUM_WARPS = 4
-_MAX_SPLIT_K = 16
 
 
 @functools.lru_cache(maxsize=16)
@@ -44,10 +38,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return _CPU_SM_COUNT
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _target_programs(device: torch.device) -> int:
-    return _sm_count(device) * _PROGRAMS_PER_SM
 
 
 def _pad_rank(rank: int) -> int:
@@ -64,15 +54,13 @@ def _check_shapes(rows: int, index_len: int | None, cols: int, expected_cols: in
         raise ValueError(f"{what}: expected {expected_cols} columns, got {cols}")
 
 
-def _pick_split_k(useful_programs: int, k_blocks: int, device: torch.device) -> int:
+def _pick_split_k(useful_programs: int, k_blocks: int, device: torch.device, tiling: LoraTiling) -> int:
     """How many slices to cut the `in` dim into so the launch fills the GPU (1 = no split)."""
-    target = _target_programs(device)
+    target = _sm_count(device) * tiling.programs_per_sm
     # Within a factor of two of the target the second (reduce) launch costs more than it wins.
     if 2 * useful_programs >= target or k_blocks <= 1:
         return 1
-    return max(1, min(triton.cdiv(target, max(useful_programs, 1)), k_blocks, _MAX_SPLIT_K))
-
-
+    return max(1, min(triton.cdiv(target, max(useful_programs, 1)), k_blocks, tiling.max_split_k))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,114 +311,48 @@ def _sgmv_expand_kernel(
 # launchers (signatures mirror kernels.reference exactly)
 
 
-def _reduce_into(partial: torch.Tensor, out: torch.Tensor) -> None:
-    splits, rows, rank = partial.shape
-    block_r = triton.next_power_of_2(rank)
-    block_t = max(1, min(triton.next_power_of_2(rows), _TILE_ELEMS // block_r))
-    _reduce_splits_kernel[(triton.cdiv(rows, block_t),)](
-        partial,
-        out,
-        rows,
-        rank,
-        splits,
-        partial.stride(0),
-        partial.stride(1),
-        partial.stride(2),
-        out.stride(0),
-        out.stride(1),
-        BLOCK_T=block_t,
-        BLOCK_R=block_r,
-    )
-
-
-def bgmv_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
-    num_tokens, in_features = x.shape
-    rank = lora_a.shape[1]
-    _check_shapes(num_tokens, token_slots.shape[0], lora_a.shape[2], in_features, "bgmv_shrink lora_a")
-    if num_tokens == 0 or rank == 0 or in_features == 0:
-        return torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
-
-    rank_pad = triton.next_power_of_2(rank)
-    # Splitting by rank rows first costs only L2 re-reads of x; stop at 4 rows so those stay cheap.
-    target = _target_programs(x.device)
-    block_r = rank_pad
-    while block_r > 4 and num_tokens * triton.cdiv(rank, block_r) < target:
-        block_r //= 2
-    block_k = min(max(16, _TILE_ELEMS // block_r), triton.next_power_of_2(in_features))
-    r_blocks = triton.cdiv(rank, block_r)
+def _split(
+    useful_programs: int, in_features: int, block_k: int, device: torch.device, tiling: LoraTiling
+) -> tuple[int, int]:
+    """(slices, `in` columns per slice) of a shrink launch with `useful_programs` programs per slice."""
     k_blocks = triton.cdiv(in_features, block_k)
-    split = _pick_split_k(num_tokens * r_blocks, k_blocks, x.device)
+    split = _pick_split_k(useful_programs, k_blocks, device, tiling)
     k_per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(in_features, k_per_split)
+    return triton.cdiv(in_features, k_per_split), k_per_split
 
-    out = torch.empty(num_tokens, rank, dtype=x.dtype, device=x.device)
+
+def _partials(out: torch.Tensor, split: int, zeroed: bool) -> tuple[torch.Tensor, int]:
+    """Where a shrink kernel writes, and that tensor's slice stride: `out`, or fp32 partials per slice."""
     if split == 1:
-        dest, stride_os = out, 0
-    else:
-        dest = torch.empty(split, num_tokens, rank, dtype=torch.float32, device=x.device)
-        stride_os = dest.stride(0)
-    _bgmv_shrink_kernel[(num_tokens, r_blocks, split)](
-        x,
-        lora_a,
-        token_slots,
-        dest,
-        rank,
-        in_features,
-        k_per_split,
-        x.stride(0),
-        x.stride(1),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_a.stride(2),
-        stride_os,
-        dest.stride(-2),
-        dest.stride(-1),
-        BLOCK_R=block_r,
-        BLOCK_K=block_k,
-        num_warps=_BGMV_NUM_WARPS,
+        return out, 0
+    # Zeroed when the kernel leaves rows unwritten (SGMV rows outside every segment).
+    alloc = torch.zeros if zeroed else torch.empty
+    dest = alloc(split, *out.shape, dtype=torch.float32, device=out.device)
+    return dest, dest.stride(0)
+
+
+def _reduced(dest: torch.Tensor, out: torch.Tensor, tiling: LoraTiling) -> torch.Tensor:
+    """`out`, with the partials of a split launch summed into it (deterministic, unlike atomics)."""
+    if dest is out:
+        return out
+    splits, rows, rank = dest.shape
+    block_r = triton.next_power_of_2(rank)
+    block_t = max(1, min(triton.next_power_of_2(rows), tiling.tile_elems // block_r))
+    _reduce_splits_kernel[(triton.cdiv(rows, block_t),)](
+        dest, out, rows, rank, splits, *dest.stride(), *out.stride(), BLOCK_T=block_t, BLOCK_R=block_r
     )
-    if split > 1:
-        _reduce_into(dest, out)
     return out
 
 
-def bgmv_expand(
-    h: torch.Tensor,
-    lora_b: torch.Tensor,
-    token_slots: torch.Tensor,
-    scaling: torch.Tensor,
-    out: torch.Tensor,
-    slice_offset: int = 0,
-) -> None:
-    num_tokens = h.shape[0]
+def _expand_target(
+    h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, slice_offset: int, index_len: int | None, what: str
+) -> torch.Tensor:
+    """The column slice of `out` an expand adds into, after checking every shape the kernel trusts."""
     out_features, rank = lora_b.shape[1], lora_b.shape[2]
     view = out[:, slice_offset : slice_offset + out_features]
-    _check_shapes(num_tokens, token_slots.shape[0], h.shape[1], rank, "bgmv_expand h")
-    _check_shapes(num_tokens, out.shape[0], view.shape[1], out_features, "bgmv_expand out slice")
-    if num_tokens == 0 or out_features == 0 or rank == 0:
-        return
-    rank_pad = triton.next_power_of_2(rank)
-    block_n = min(max(16, _TILE_ELEMS // rank_pad), 1024, triton.next_power_of_2(out_features))
-    grid = (num_tokens, triton.cdiv(out_features, block_n))
-    _bgmv_expand_kernel[grid](
-        h,
-        lora_b,
-        token_slots,
-        scaling,
-        view,
-        rank,
-        out_features,
-        h.stride(0),
-        h.stride(1),
-        lora_b.stride(0),
-        lora_b.stride(1),
-        lora_b.stride(2),
-        view.stride(0),
-        view.stride(1),
-        BLOCK_N=block_n,
-        BLOCK_R=rank_pad,
-        num_warps=_BGMV_NUM_WARPS,
-    )
+    _check_shapes(h.shape[0], index_len, h.shape[1], rank, f"{what} h")
+    _check_shapes(h.shape[0], out.shape[0], view.shape[1], out_features, f"{what} out slice")
+    return view
 
 
 def _sgmv_block_m(num_tokens: int, num_segments: int) -> int:
@@ -439,114 +361,131 @@ def _sgmv_block_m(num_tokens: int, num_segments: int) -> int:
     return 16 if avg <= 16 else 32 if avg <= 64 else 64
 
 
-def sgmv_shrink(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    seg_slots: torch.Tensor,
-) -> torch.Tensor:
-    num_tokens, in_features = x.shape
-    rank = lora_a.shape[1]
-    num_segments = seg_starts.shape[0]
-    _check_shapes(num_tokens, None, lora_a.shape[2], in_features, "sgmv_shrink lora_a")
-    out = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
-    if num_tokens == 0 or num_segments == 0 or rank == 0 or in_features == 0:
-        return out
+class TritonLora:
+    """The four ops launched with one tiling, or (None) with each launch's device entry in `kernels.tuning`.
 
-    rank_pad = _pad_rank(rank)
-    block_m = _sgmv_block_m(num_tokens, num_segments)
-    # Keep the [BLOCK_K, R] A tile near 4K elements so wide ranks do not spill registers.
-    block_k = min(max(32, _TILE_ELEMS // rank_pad), 128, max(16, triton.next_power_of_2(in_features)))
-    k_blocks = triton.cdiv(in_features, block_k)
-    m_tiles = triton.cdiv(num_tokens, block_m)
-    # Segments partition at most T rows, so real tiles number at most m_tiles + segments.
-    split = _pick_split_k(m_tiles + num_segments - 1, k_blocks, x.device)
-    k_per_split = triton.cdiv(k_blocks, split) * block_k
-    split = triton.cdiv(in_features, k_per_split)
-    if split == 1:
-        dest, stride_os = out, 0
-    else:
-        # Zeroed because rows outside every segment are never written by the kernel.
-        dest = torch.zeros(split, num_tokens, rank, dtype=torch.float32, device=x.device)
-        stride_os = dest.stride(0)
-    _sgmv_shrink_kernel[(num_segments, m_tiles, split)](
-        x,
-        lora_a,
-        seg_starts,
-        seg_lens,
-        seg_slots,
-        dest,
-        rank,
-        in_features,
-        k_per_split,
-        x.stride(0),
-        x.stride(1),
-        lora_a.stride(0),
-        lora_a.stride(1),
-        lora_a.stride(2),
-        stride_os,
-        dest.stride(-2),
-        dest.stride(-1),
-        BLOCK_M=block_m,
-        BLOCK_K=block_k,
-        BLOCK_R=rank_pad,
-        DOT_PRECISION=dot_precision(x.dtype),
-        UPCAST_DOT=upcast_dot(x),
-        num_warps=8 if block_m * rank_pad >= 4096 else 4,
-        num_stages=3,
-    )
-    if split > 1:
-        _reduce_into(dest, out)
-    return out
+    This module's `bgmv_shrink`, ... are the methods of `TritonLora()`, so the module itself is the
+    implementation `kernels.lora_ops.LoraOps` picks; a tiling sweep builds one instance per candidate.
+    """
 
+    def __init__(self, tiling: LoraTiling | None = None) -> None:
+        self.tiling = tiling
 
-def sgmv_expand(
-    h: torch.Tensor,
-    lora_b: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_lens: torch.Tensor,
-    seg_slots: torch.Tensor,
-    scaling: torch.Tensor,
-    out: torch.Tensor,
-    slice_offset: int = 0,
-) -> None:
-    num_tokens = h.shape[0]
-    out_features, rank = lora_b.shape[1], lora_b.shape[2]
-    num_segments = seg_starts.shape[0]
-    view = out[:, slice_offset : slice_offset + out_features]
-    _check_shapes(num_tokens, None, h.shape[1], rank, "sgmv_expand h")
-    _check_shapes(num_tokens, out.shape[0], view.shape[1], out_features, "sgmv_expand out slice")
-    if num_tokens == 0 or num_segments == 0 or out_features == 0 or rank == 0:
-        return
-    rank_pad = _pad_rank(rank)
-    block_m = _sgmv_block_m(num_tokens, num_segments)
-    block_n = min(128 if rank_pad <= 64 else 64, max(16, triton.next_power_of_2(out_features)))
-    grid = (num_segments, triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
-    _sgmv_expand_kernel[grid](
-        h,
-        lora_b,
-        seg_starts,
-        seg_lens,
-        seg_slots,
-        scaling,
-        view,
-        rank,
-        out_features,
-        h.stride(0),
-        h.stride(1),
-        lora_b.stride(0),
-        lora_b.stride(1),
-        lora_b.stride(2),
-        view.stride(0),
-        view.stride(1),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_R=rank_pad,
-        DOT_PRECISION=dot_precision(h.dtype),
-        UPCAST_DOT=upcast_dot(h),
+    def _tiling(self, device: torch.device) -> LoraTiling:
+        return self.tiling if self.tiling is not None else tuning_for(device).lora
+
+    def bgmv_shrink(self, x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+        num_tokens, in_features = x.shape
+        rank = lora_a.shape[1]
+        _check_shapes(num_tokens, token_slots.shape[0], lora_a.shape[2], in_features, "bgmv_shrink lora_a")
+        if num_tokens == 0 or rank == 0 or in_features == 0:
+            return torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
+        tiling = self._tiling(x.device)
+        # Splitting by rank rows first costs only L2 re-reads of x; stop at 4 rows so those stay cheap.
+        target = _sm_count(x.device) * tiling.programs_per_sm
+        block_r = triton.next_power_of_2(rank)
+        while block_r > 4 and num_tokens * triton.cdiv(rank, block_r) < target:
+            block_r //= 2
+        block_k = min(max(16, tiling.tile_elems // block_r), triton.next_power_of_2(in_features))
+        r_blocks = triton.cdiv(rank, block_r)
+        split, k_per_split = _split(num_tokens * r_blocks, in_features, block_k, x.device, tiling)
+        out = torch.empty(num_tokens, rank, dtype=x.dtype, device=x.device)
+        # Every program writes its rows (zeros for slot -1), so the partials need no zero-fill.
+        dest, stride_os = _partials(out, split, zeroed=False)
+        _bgmv_shrink_kernel[(num_tokens, r_blocks, split)](
+            x, lora_a, token_slots, dest, rank, in_features, k_per_split,
+            *x.stride(), *lora_a.stride(), stride_os, *dest.stride()[-2:],
+            BLOCK_R=block_r, BLOCK_K=block_k, num_warps=tiling.bgmv_num_warps,
+        )  # fmt: skip
+        return _reduced(dest, out, tiling)
+
+    def bgmv_expand(
+        self,
+        h: torch.Tensor,
+        lora_b: torch.Tensor,
+        token_slots: torch.Tensor,
+        scaling: torch.Tensor,
+        out: torch.Tensor,
+        slice_offset: int = 0,
+    ) -> None:
+        view = _expand_target(h, lora_b, out, slice_offset, token_slots.shape[0], "bgmv_expand")
+        num_tokens, (out_features, rank) = h.shape[0], lora_b.shape[1:]
+        if num_tokens == 0 or out_features == 0 or rank == 0:
+            return
+        tiling = self._tiling(h.device)
+        rank_pad = triton.next_power_of_2(rank)
+        block_n = min(max(16, tiling.tile_elems // rank_pad), 1024, triton.next_power_of_2(out_features))
+        _bgmv_expand_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
+            h, lora_b, token_slots, scaling, view, rank, out_features,
+            *h.stride(), *lora_b.stride(), *view.stride(),
+            BLOCK_N=block_n, BLOCK_R=rank_pad, num_warps=tiling.bgmv_num_warps,
+        )  # fmt: skip
+
+    def sgmv_shrink(
+        self,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        seg_starts: torch.Tensor,
+        seg_lens: torch.Tensor,
+        seg_slots: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens, in_features = x.shape
+        rank, num_segments = lora_a.shape[1], seg_starts.shape[0]
+        _check_shapes(num_tokens, None, lora_a.shape[2], in_features, "sgmv_shrink lora_a")
+        out = torch.zeros(num_tokens, rank, dtype=x.dtype, device=x.device)
+        if num_tokens == 0 or num_segments == 0 or rank == 0 or in_features == 0:
+            return out
+        tiling = self._tiling(x.device)
+        rank_pad = _pad_rank(rank)
+        block_m = _sgmv_block_m(num_tokens, num_segments)
+        # Keep the [BLOCK_K, R] A tile near 4K elements so wide ranks do not spill registers.
+        block_k = min(max(32, tiling.tile_elems // rank_pad), 128, max(16, triton.next_power_of_2(in_features)))
+        m_tiles = triton.cdiv(num_tokens, block_m)
+        # Segments partition at most T rows, so real tiles number at most m_tiles + segments.
+        split, k_per_split = _split(m_tiles + num_segments - 1, in_features, block_k, x.device, tiling)
+        dest, stride_os = _partials(out, split, zeroed=True)
+        _sgmv_shrink_kernel[(num_segments, m_tiles, split)](
+            x, lora_a, seg_starts, seg_lens, seg_slots, dest, rank, in_features, k_per_split,
+            *x.stride(), *lora_a.stride(), stride_os, *dest.stride()[-2:],
+            BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=rank_pad,
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST_DOT=upcast_dot(x),
+            num_warps=8 if block_m * rank_pad >= 4096 else 4, num_stages=3,
+        )  # fmt: skip
+        return _reduced(dest, out, tiling)
+
+    def sgmv_expand(
+        self,
+        h: torch.Tensor,
+        lora_b: torch.Tensor,
+        seg_starts: torch.Tensor,
+        seg_lens: torch.Tensor,
+        seg_slots: torch.Tensor,
+        scaling: torch.Tensor,
+        out: torch.Tensor,
+        slice_offset: int = 0,
+    ) -> None:
+        view = _expand_target(h, lora_b, out, slice_offset, None, "sgmv_expand")
+        num_tokens, (out_features, rank), num_segments = h.shape[0], lora_b.shape[1:], seg_starts.shape[0]
+        if num_tokens == 0 or num_segments == 0 or out_features == 0 or rank == 0:
+            return
+        rank_pad = _pad_rank(rank)
+        block_m = _sgmv_block_m(num_tokens, num_segments)
+        block_n = min(128 if rank_pad <= 64 else 64, max(16, triton.next_power_of_2(out_features)))
+        grid = (num_segments, triton.cdiv(num_tokens, block_m), triton.cdiv(out_features, block_n))
         # At 4 warps a 64x128 fp32 accumulator plus the loaded `out` tile (or a 128-wide rank tile)
         # spills registers on sm_90 (ptxas -v); 8 warps halves the per-thread share.
-        num_warps=8 if max(block_m * block_n, block_m * rank_pad, rank_pad * block_n) >= 8192 else 4,
-        num_stages=2,
-    )
+        num_warps = 8 if max(block_m * block_n, block_m * rank_pad, rank_pad * block_n) >= 8192 else 4
+        _sgmv_expand_kernel[grid](
+            h, lora_b, seg_starts, seg_lens, seg_slots, scaling, view, rank, out_features,
+            *h.stride(), *lora_b.stride(), *view.stride(),
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=rank_pad,
+            DOT_PRECISION=dot_precision(h.dtype), UPCAST_DOT=upcast_dot(h),
+            num_warps=num_warps, num_stages=2,
+        )  # fmt: skip
+
+
+_BY_DEVICE = TritonLora()
+bgmv_shrink = _BY_DEVICE.bgmv_shrink
+bgmv_expand = _BY_DEVICE.bgmv_expand
+sgmv_shrink = _BY_DEVICE.sgmv_shrink
+sgmv_expand = _BY_DEVICE.sgmv_expand

@@ -28,8 +28,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from engine import AdapterSpec, Engine, EngineConfig, SamplingParams
-from engine.synthetic import build_model
 from loadtests.bench_engine import QUICK_SHAPE, SMOLLM2_SHAPE
+from models.synthetic import build_model
 
 
 def write_adapters(root: Path, base_shape: dict, n: int, rank: int = 8) -> list[Path]:
@@ -92,19 +92,19 @@ def run_case(base: Path, adapters: list[Path], picks: list[int], prompts: list[l
     tokens = asyncio.run(all_requests())
     elapsed = time.perf_counter() - start
     bar.close()
-    stats = engine.stats()["adapters"]
+    stats = engine.stats().adapters
     engine.check_idle_invariants()
     engine.shutdown()
     ttft.sort()
-    host_total = stats["host_hits"] + stats["host_misses"]
-    device_total = stats["device_hits"] + stats["device_misses"]
+    host_total = stats.host_hits + stats.host_misses
+    device_total = stats.device_hits + stats.device_misses
     return {
         "distinct_adapters_used": len(used),
         "tokens_per_s": tokens / elapsed,
-        "host_hit_rate": stats["host_hits"] / host_total if host_total else 1.0,
-        "device_hit_rate": stats["device_hits"] / device_total if device_total else 1.0,
-        "source_loads": stats["source_loads"],
-        "device_evictions": stats["device_evictions"],
+        "host_hit_rate": stats.host_hits / host_total if host_total else 1.0,
+        "device_hit_rate": stats.device_hits / device_total if device_total else 1.0,
+        "source_loads": stats.source_loads,
+        "device_evictions": stats.device_evictions,
         "host_evictions": stats["host_evictions"],
         "p95_ttft_s": ttft[int(0.95 * (len(ttft) - 1))],
         "p50_ttft_s": ttft[len(ttft) // 2],

@@ -48,9 +48,10 @@ import torch
 import uvicorn
 
 from engine import EngineConfig, SamplingParams
+from models.resolve import resolve_model
 from serve_app.backends import LocalBackend
-from serve_app.core import EngineRequest, ReplicaCore
-from serve_app.demo import resolve_model
+from serve_app.core import ReplicaCore
+from serve_app.engine_request import EngineRequest
 from serve_app.http_app import create_app
 from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
 

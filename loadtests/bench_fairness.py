@@ -3,7 +3,7 @@
     python -m loadtests.bench_fairness            # about 4 minutes: calibration, B+C alone, round_robin, fair x 2
     python -m loadtests.bench_fairness --quick    # about 1 minute, for a smoke run
 
-In-process engine on the demo model (serve_app.demo), four adapters in four roles:
+In-process engine on the demo model (models/demo.py), four adapters in four roles:
 
 - A1 (weight 1): long prompts, short outputs; A2 (weight 2): short prompts, long outputs. Each is
   offered 10x the engine's capacity, so both are backlogged all the time.
@@ -15,7 +15,7 @@ prefill_token_cost / decode_token_cost). Arrivals are Poisson with a fixed seed,
 sees the same schedule. "Alone" runs B and C's traffic without A1 and A2. "fair_mixed_steps" is the
 fair policy with under_share_prefill_first off (B's and C's prompts then share a step with the
 floods' decodes and chunks), to show what that rule buys. Per policy the window is
-[warm-up, end of arrivals]; service per adapter comes from Engine.stats()["fairness"] (exactly what
+[warm-up, end of arrivals]; service per adapter comes from Engine.stats().fairness (exactly what
 was scheduled), TTFT and rejection latency from the clients, over the requests that arrived in the
 window (from the scheduled arrival time, so any lag of this process's event loop counts against the
 engine; the time inside Engine.generate() until OverloadedError is shown too). Every model step is
@@ -49,7 +49,7 @@ from typing import Any
 from tqdm import tqdm
 
 from engine import Engine, EngineConfig, OverloadedError, QueueTimeoutError, SamplingParams
-from serve_app.demo import resolve_model
+from models.resolve import resolve_model
 
 ROLES = ("A1", "A2", "B", "C")
 ADAPTER_OF = {"A1": "qv-r4", "A2": "attn-r8", "B": "mlp-r16", "C": "o-r2"}  # demo adapters
@@ -157,13 +157,13 @@ def poisson_schedule(rates: dict[str, float], duration: float, seed: int) -> lis
 
 def fairness_totals(engine: Engine) -> tuple[dict[str, float], dict[str, int], int]:
     stats = engine.stats()
-    accounts = stats["fairness"]
+    accounts = stats.fairness
     service, generated = {}, {}
     for role in ROLES:
         a = accounts.get(ADAPTER_OF[role], {"prefill_tokens": 0, "decode_tokens": 0})
         service[role] = a["prefill_tokens"] * PREFILL_COST + a["decode_tokens"] * DECODE_COST
         generated[role] = a["decode_tokens"]
-    return service, generated, stats["steps"]
+    return service, generated, stats.steps
 
 
 async def run_phase(
@@ -536,7 +536,7 @@ async def bench(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Pha
         await engine.complete([9, 10, 11], SamplingParams(max_new_tokens=4))
         phases[name] = await run_phase(engine, name, schedule, duration, args.warmup_s, vocab)
         results[name] = summarize(phases[name], offered, args.warmup_s)
-        results[name]["engine_stats"] = {k: v for k, v in engine.stats().items() if k in (
+        results[name]["engine_stats"] = {k: v for k, v in engine.stats().as_dict().items() if k in (
             "steps", "preemptions", "rejected", "queue_timeouts", "aborted", "finished", "max_batch_seqs")}
         engine.shutdown()
 

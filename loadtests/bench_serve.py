@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import random
+import secrets
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -30,8 +31,9 @@ import torch
 from tqdm import tqdm
 
 from engine import Engine, SamplingParams
+from models.demo import DEMO_ADAPTERS
+from models.resolve import resolve_model
 from serve_app.core import DEFAULT_STREAM_MESSAGES_PER_S
-from serve_app.demo import DEMO_ADAPTERS, resolve_model
 from serve_app.settings import AppSettings
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "serving", "many", "adapters", "batch", "cache", "block", "token", "model", "paged", "attention", "decode", "prefill", "queue", "ray", "serve", "base", "rank", "alpha", "scale"]
@@ -165,7 +167,10 @@ def run_serve(args: argparse.Namespace, jobs: list[Job]) -> tuple[list[Row], lis
     paths = ((SERVE_GENERATE, http_generate), (SERVE_STREAM, http_stream))
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(app_args(args)), name="bench", route_prefix="/")
+        # The admin API (GET /admin/stats, read at the end) needs a bearer token: a fresh one per run.
+        token = secrets.token_hex(16)
+        serve.run(build_app({**app_args(args), "admin_enabled": True, "admin_token": token}), name="bench",
+                  route_prefix="/")
         deadline = time.monotonic() + 300
         while httpx.get(f"{url}/health", timeout=10).status_code != 200:
             if time.monotonic() > deadline:
@@ -182,7 +187,8 @@ def run_serve(args: argparse.Namespace, jobs: list[Job]) -> tuple[list[Row], lis
                 rows.append(Row(label, len(jobs), sum(len(t) for t in ids), time.perf_counter() - start))
                 bar.close()
                 outputs.append(ids)
-        stats = httpx.get(f"{url}/admin/stats", timeout=30).json()["replicas"][0]
+        stats = httpx.get(f"{url}/admin/stats", timeout=30,
+                          headers={"Authorization": f"Bearer {token}"}).json()["replicas"][0]
         print(f"Serve replica: max batch {stats['engine']['max_batch_seqs']} sequences, "
               f"{stats['metrics']['stream_deltas']} streamed tokens in {stats['metrics']['stream_chunks']} chunks")
     finally:

@@ -1,404 +1,218 @@
-"""One-shot GPU check for the LoRA kernels and the engine; writes $OUT/gpu_check.json and .md.
+"""The one prepared device check (issue 15): fidelity on CUDA, then throughput on the Mistral-7B shape.
 
-Run once on the device machine (budget: under 8 minutes in total):
+    PYTHONPATH=. python loadtests/gpu_check.py               # on the GPU machine: under 8 minutes on an H200
+    PYTHONPATH=. python loadtests/gpu_check.py --dry-run     # anywhere: every section at tiny shapes, on the CPU
 
-    python loadtests/gpu_check.py            # full run on CUDA
-    python loadtests/gpu_check.py --quick    # tiny shapes; on a CPU-only box runs kernels in Triton's interpreter
+Sections, in order; the report (gpu_check.json and gpu_check.md, in $OUT when set, else --results-dir)
+is rewritten after every section, so a run stopped by a timeout keeps what it had:
 
-Sections, each isolated so that one failure does not lose the others (the report is rewritten after
-every section, so a run killed by a timeout still leaves what it had):
+    fidelity           `pytest -m gpu` over the kernel and engine test files: Triton LoRA (SGMV / BGMV)
+                       and paged attention vs their references at large shapes, torch's sync detector,
+                       the engine on CUDA vs transformers + PEFT (graphs on and off). Correctness lives
+                       in those tests only; this script reads their JUnit report.
+    bgmv_bandwidth     BGMV shrink / expand bytes per second (batch 64, rank 16, hidden 4096, one adapter
+                       per token, L2 defeated) over a measured device-to-device copy's
+    cuda_graphs        graphs on vs off: identical tokens, bf16, 7B shape, a few requests
+    engine_throughput  128 requests, 450 prompt / 234 new tokens: base only, 30 adapters mixed, decode step
+                       host time (loadtests/gpu_engine_check.py)
+    hf_base            transformers `generate`, one static batch of 128
+    hf_peft_mixed      transformers + PEFT, 30 adapters mixed, time-capped
+    bgmv_tiling_sweep  candidate `kernels.tuning.LoraTiling`s, each through its own `TritonLora`: what to
+                       put in `kernels.tuning.TABLE` for this device (only when time is left)
+    bars               issue 15's GPU bars against the numbers above
 
-    kernel_correctness  every Triton op vs kernels.reference on CUDA, float32/float16/bfloat16, plus
-                        LoraOps("triton") vs LoraOps("torch") on a mixed batch, plus a host-sync trap
-    bgmv_bandwidth      BGMV shrink/expand at batch 64, rank 16, hidden 4096: achieved bytes/s over the
-                        card's measured device-to-device copy bandwidth (bar >= 50%), and a small sweep
-                        of the BGMV tiling knobs
-    engine_*            delegated to `run_engine_sections(report)` in loadtests/gpu_engine_check.py when
-                        that file exists. Contract: it adds entries to report["sections"] (each a dict with
-                        a "status" string starting with "pass", "fail", "error" or "skipped"), and may read
-                        report["meta"]["quick"], ["cuda"] and ["deadline_unix"] (wall-clock time by which
-                        the whole script should be done).
-
-Imports only torch, triton and this repository (engine sections import whatever they need lazily).
+Imports no ray, serve_app or gguf (the device image has none of them).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import platform
-import random
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 if not torch.cuda.is_available():
-    # Must precede the first import of triton (and of kernels.triton_lora): it decides at decoration
-    # time whether kernels compile for a GPU or run in the CPU interpreter.
+    # Before triton's first import: without a GPU the kernels must be decorated for the interpreter.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
+if str(REPO_ROOT) not in sys.path:  # `python loadtests/gpu_check.py` without PYTHONPATH=.
     sys.path.insert(0, str(REPO_ROOT))
 
-import triton  # noqa: E402
+from kernels.triton_lora import TritonLora  # noqa: E402
+from kernels.tuning import LoraTiling, device_key, tuning_for  # noqa: E402
+from loadtests import gpu_engine_check as engine_check  # noqa: E402
 
-from kernels import reference  # noqa: E402
-from kernels import triton_lora as tl_ops  # noqa: E402
-from kernels.lora_ops import LoraBatch, LoraOps  # noqa: E402
-
-BANDWIDTH_BAR = 0.50
-TOLERANCES = {  # vs the reference run in float32 on the same rounded inputs
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (3e-3, 3e-3),
-    torch.bfloat16: (2e-2, 2e-2),
+GPU_TEST_FILES = ("tests/test_kernels.py", "tests/test_attention_kernels.py", "tests/test_engine_triton.py")
+# Issue 15's GPU bars.
+BARS = {
+    "mixed_over_base": 0.90,
+    "mixed_over_hf_peft_mixed": 15.0,
+    "mixed_over_hf_base": 3.0,
+    "decode_host_overhead_below": 0.10,
+    "bgmv_fraction_of_copy": 0.50,
 }
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-Report = dict[str, Any]
+SWEEP = [LoraTiling(tile_elems=t, bgmv_num_warps=w, programs_per_sm=p) for t in (2048, 4096, 8192) for w in (4, 8)
+         for p in (2, 4)]
 
 
 # --------------------------------------------------------------------------------------------------
-# report plumbing
+# the report
 
 
-def _out_dir() -> Path:
-    out = Path(os.environ.get("OUT", "./gpu_check_out"))
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+class Report:
+    """Sections in run order, saved as JSON and Markdown after each one."""
+
+    def __init__(self, directory: Path, meta: dict[str, Any]) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.sections: dict[str, dict[str, Any]] = {}
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def remaining_s(self) -> float:
+        return self.meta["deadline_unix"] - time.time()
+
+    def run(self, name: str, fn: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+        section: dict[str, Any] = {"status": "running"}
+        self.sections[name] = section
+        self.save()
+        started = time.perf_counter()
+        try:
+            fn(section)
+        except Exception as exc:  # one broken section must not lose the others
+            section["status"] = f"error: {type(exc).__name__}: {exc}"
+            section["traceback"] = traceback.format_exc(limit=12)
+        section["seconds"] = round(time.perf_counter() - started, 2)
+        print(f"[gpu_check] {name}: {section['status']} ({section['seconds']} s)", flush=True)
+        self.save()
+        return section
+
+    def skip(self, name: str, why: str) -> None:
+        self.sections[name] = {"status": f"skipped: {why}"}
+        print(f"[gpu_check] {name}: skipped: {why}", flush=True)
+        self.save()
+
+    def save(self) -> None:
+        self.meta["elapsed_s"] = round(time.time() - self.meta["started_unix"], 1)
+        data = {"meta": self.meta, "summary": {k: s.get("status", "?") for k, s in self.sections.items()},
+                "sections": self.sections}
+        (self.directory / "gpu_check.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        (self.directory / "gpu_check.md").write_text(render_markdown(data))
+
+    def failed(self) -> bool:
+        return any(s.get("status", "").startswith(("fail", "error")) for s in self.sections.values())
 
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
+        return f"{value:.3e}" if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3) else f"{value:.4g}"
     return str(value)
 
 
-def _render_md(report: Report) -> str:
+def render_markdown(data: dict[str, Any]) -> str:
     lines = ["# GPU check", ""]
-    meta = report.get("meta", {})
-    lines += [f"- **{k}**: {_fmt(v)}" for k, v in meta.items()]
-    lines.append("")
-    summary = report.get("summary")
-    if summary:
-        lines += ["## Summary", ""]
-        lines += [f"- **{k}**: {_fmt(v)}" for k, v in summary.items()]
-        lines.append("")
-    for name, section in report.get("sections", {}).items():
-        lines += [f"## {name}", ""]
-        if not isinstance(section, dict):
-            lines += [f"{section}", ""]
-            continue
-        tables: list[tuple[str, list[dict[str, Any]]]] = []
+    lines += [f"- **{k}**: {_fmt(v)}" for k, v in data["meta"].items()]
+    lines += ["", "## Summary", ""] + [f"- **{k}**: {v}" for k, v in data["summary"].items()]
+    for name, section in data["sections"].items():
+        lines += ["", f"## {name}", ""]
         for key, value in section.items():
             if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                tables.append((key, value))
+                columns = list(dict.fromkeys(c for row in value for c in row))
+                lines += ["", f"**{key}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+                lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in value]
+                lines.append("")
             elif isinstance(value, dict):
                 lines.append(f"- **{key}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in value.items()))
-            elif key == "traceback":
+            elif key in ("traceback", "output_tail"):
                 lines += ["", "```", str(value).rstrip(), "```"]
             else:
                 lines.append(f"- **{key}**: {_fmt(value)}")
-        for key, rows in tables:
-            columns: list[str] = []
-            for row in rows:
-                columns += [c for c in row if c not in columns]
-            lines += ["", f"**{key}**", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-            lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
-        lines.append("")
     return "\n".join(lines) + "\n"
 
 
-def _save(report: Report) -> None:
-    out = _out_dir()
-    report["summary"] = _summary(report)
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out / "gpu_check.md").write_text(_render_md(report))
+# --------------------------------------------------------------------------------------------------
+# fidelity: pytest
 
 
-def _summary(report: Report) -> dict[str, Any]:
-    summary: dict[str, Any] = {}
-    for name, section in report.get("sections", {}).items():
-        status = section.get("status", "?") if isinstance(section, dict) else str(section)
-        summary[name] = status
-    return summary
-
-
-def _run_section(report: Report, name: str, fn: Callable[[dict[str, Any]], None]) -> None:
-    section: dict[str, Any] = {"status": "running"}
-    report["sections"][name] = section
-    started = time.perf_counter()
+def fidelity(section: dict[str, Any], results: Path, timeout_s: float, dry_run: bool) -> None:
+    """`pytest -m gpu` in a child process; the verdict is its JUnit report's, nothing is re-checked here."""
+    junit = results / "gpu_pytest.xml"
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", f"--junitxml={junit}",
+               *GPU_TEST_FILES]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+    section["command"] = " ".join(command[1:])
     try:
-        fn(section)
-    except Exception as exc:  # one broken section must not lose the others
-        section["status"] = f"error: {type(exc).__name__}: {exc}"
-        section["traceback"] = traceback.format_exc(limit=12)
-    section["seconds"] = round(time.perf_counter() - started, 2)
-    print(f"[gpu_check] {name}: {section['status']} ({section['seconds']} s)", flush=True)
-    _save(report)
+        proc = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:  # its output is bytes whatever `text` says
+        section["status"] = f"fail: pytest ran past {timeout_s:.0f} s"
+        section["output_tail"] = (exc.stdout or b"")[-3000:].decode(errors="replace")
+        return
+    section["output_tail"] = (proc.stdout + proc.stderr)[-3000:]
+    counts, failed = junit_counts(junit)
+    section.update(counts)
+    section["failed_tests"] = failed[:20]
+    passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    if proc.returncode not in (0, 5) or counts["failures"] or counts["errors"]:  # 5: nothing collected
+        section["status"] = f"fail: pytest exit {proc.returncode}, {counts['failures'] + counts['errors']} failed"
+    elif passed == 0:
+        section["status"] = ("pass: collected, all skipped (no CUDA)" if dry_run or not torch.cuda.is_available()
+                             else "fail: every gpu test was skipped on a CUDA machine")
+    else:
+        section["status"] = f"pass: {passed} gpu tests passed"
+
+
+def junit_counts(path: Path) -> tuple[dict[str, int], list[str]]:
+    """(tests, failures, errors, skipped) of a JUnit XML file, and the ids of the failed tests."""
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    if not path.exists():
+        return counts, []
+    root = ET.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    for suite in suites:
+        for key in counts:
+            counts[key] += int(suite.get(key, 0))
+    failed = [f"{case.get('classname')}::{case.get('name')}" for case in root.iter("testcase")
+              if case.find("failure") is not None or case.find("error") is not None]
+    return counts, failed
 
 
 # --------------------------------------------------------------------------------------------------
-# (a) kernel correctness
+# BGMV bandwidth and the tiling sweep
 
 
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _rand(
-    shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, scale: float = 1.0
-) -> torch.Tensor:
-    return (torch.randn(shape, generator=gen, device=gen.device) * scale).to(dtype)
-
-
-def _long(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def _err(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
-    atol, rtol = TOLERANCES[dtype]
-    a, e = actual.float(), expected.float()
-    max_abs = float((a - e).abs().max()) if a.numel() else 0.0
-    return bool(torch.allclose(a, e, atol=atol, rtol=rtol)), max_abs
-
-
-def _segments(total: int, lens: list[int], slots: list[int]) -> tuple[list[int], list[int], list[int]]:
-    starts, pos = [], 0
-    for length in lens:
-        starts.append(min(pos, total))
-        pos += length
-    return starts, lens, slots
-
-
-def _check_kernels(section: dict[str, Any], quick: bool) -> None:
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 oracle must not round its inputs to TF32
-    try:
-        _check_kernels_inner(section, quick)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved_tf32
-
-
-def _check_kernels_inner(section: dict[str, Any], quick: bool) -> None:
-    device = _device()
-    gen = torch.Generator(device=device).manual_seed(0)
-    # (tokens, in, out, rank, slots, slice_offset)
-    bgmv_shapes = (
-        [(1, 33, 40, 8, 2, 0), (5, 129, 24, 20, 3, 3)]
-        if quick
-        else [
-            (1, 4096, 4096, 16, 4, 0),
-            (64, 4096, 4096, 16, 64, 0),
-            (64, 4096, 14336, 64, 8, 0),
-            (256, 4096, 1024, 8, 30, 4096),
-            (37, 129, 257, 20, 5, 3),
-            (64, 4096, 4096, 128, 4, 0),
-        ]
-    )
-    # (tokens, in, out, rank, slots, slice_offset, segment lens, segment slots)
-    sgmv_shapes = (
-        [(9, 33, 40, 8, 3, 2, [4, 0, 3, 2], [1, 0, -1, 2])]
-        if quick
-        else [
-            (1024, 4096, 4096, 16, 4, 0, [300, 0, 200, 100, 424], [0, 1, -1, 3, 2]),
-            (2048, 4096, 14336, 64, 8, 0, [2048], [5]),
-            (97, 257, 129, 20, 3, 7, [13, 40, 0, 30], [2, 0, 1, -1]),
-            (300, 4096, 1024, 128, 2, 1024, [150, 140], [1, 0]),
-        ]
-    )
-    cases: list[dict[str, Any]] = []
-    for dtype in DTYPES:
-        for tokens, in_f, out_f, rank, n_slots, off in bgmv_shapes:
-            x = _rand((tokens, in_f), dtype, gen)
-            lora_a = _rand((n_slots, rank, in_f), dtype, gen, in_f**-0.5)
-            lora_b = _rand((n_slots, out_f, rank), dtype, gen, rank**-0.5)
-            scaling = torch.rand(n_slots, generator=gen, device=device) + 0.5
-            slots = torch.randint(-1, n_slots, (tokens,), generator=gen, device=device)
-            h = tl_ops.bgmv_shrink(x, lora_a, slots)
-            ok_s, err_s = _err(h, reference.bgmv_shrink(x.float(), lora_a.float(), slots), dtype)
-            # Column-major `out` with a column offset: the layout of a fused projection's slice.
-            out = _rand((off + out_f + 8, tokens), dtype, gen).t()
-            want = out.float()
-            tl_ops.bgmv_expand(h, lora_b, slots, scaling, out, off)
-            reference.bgmv_expand(h.float(), lora_b.float(), slots, scaling, want, off)
-            ok_e, err_e = _err(out, want, dtype)
-            shape = f"T{tokens} in{in_f} out{out_f} r{rank}"
-            cases.append(
-                {
-                    "op": "bgmv_shrink",
-                    "dtype": str(dtype)[6:],
-                    "shape": shape,
-                    "ok": ok_s,
-                    "max_abs_err": err_s,
-                }
-            )
-            cases.append(
-                {
-                    "op": "bgmv_expand",
-                    "dtype": str(dtype)[6:],
-                    "shape": shape,
-                    "ok": ok_e,
-                    "max_abs_err": err_e,
-                }
-            )
-        for tokens, in_f, out_f, rank, n_slots, off, lens, seg_slots in sgmv_shapes:
-            x = _rand((tokens, in_f), dtype, gen)
-            lora_a = _rand((n_slots, rank, in_f), dtype, gen, in_f**-0.5)
-            lora_b = _rand((n_slots, out_f, rank), dtype, gen, rank**-0.5)
-            scaling = torch.rand(n_slots, generator=gen, device=device) + 0.5
-            seg = tuple(_long(v, device) for v in _segments(tokens, lens, seg_slots))
-            h = tl_ops.sgmv_shrink(x, lora_a, *seg)
-            ok_s, err_s = _err(h, reference.sgmv_shrink(x.float(), lora_a.float(), *seg), dtype)
-            out = _rand((tokens, off + out_f + 5), dtype, gen)
-            want = out.float()
-            tl_ops.sgmv_expand(h, lora_b, *seg, scaling, out, off)
-            reference.sgmv_expand(h.float(), lora_b.float(), *seg, scaling, want, off)
-            ok_e, err_e = _err(out, want, dtype)
-            shape = f"T{tokens} in{in_f} out{out_f} r{rank} segs{lens}"
-            cases.append(
-                {
-                    "op": "sgmv_shrink",
-                    "dtype": str(dtype)[6:],
-                    "shape": shape,
-                    "ok": ok_s,
-                    "max_abs_err": err_s,
-                }
-            )
-            cases.append(
-                {
-                    "op": "sgmv_expand",
-                    "dtype": str(dtype)[6:],
-                    "shape": shape,
-                    "ok": ok_e,
-                    "max_abs_err": err_e,
-                }
-            )
-
-    cases += _check_lora_ops(gen, quick)
-    section["cases"] = cases
-    section["sync_free"] = _check_sync_free(gen)
-    failed = [c for c in cases if not c["ok"]]
-    section["cases_passed"] = f"{len(cases) - len(failed)}/{len(cases)}"
-    sync_ok = section["sync_free"] in (True, "skipped: no CUDA")
-    section["status"] = (
-        "pass" if not failed and sync_ok else f"fail: {len(failed)} case(s), sync_free={section['sync_free']}"
-    )
-
-
-def _check_lora_ops(gen: torch.Generator, quick: bool) -> list[dict[str, Any]]:
-    device = gen.device
-    hidden, max_rank, n_slots = (33, 8, 3) if quick else (4096, 16, 8)
-    widths = [hidden, hidden // 4, hidden // 4]  # fused q, k, v
-    prefill = [(0, 5), (-1, 3), (2, 4)] if quick else [(0, 200), (2, 1), (-1, 77), (5, 300), (7, 12)]
-    rng = random.Random(0)
-    decode = [1, -1, 0, 2] if quick else [rng.randint(-1, n_slots - 1) for _ in range(64)]
-    token_slots = [slot for slot, n in prefill for _ in range(n)] + decode
-    batch = LoraBatch.build(token_slots, sum(n for _, n in prefill), device)
-    results: list[dict[str, Any]] = []
-    auto_picks_triton = LoraOps("auto").impl_for(torch.empty(1, device=device)) is tl_ops
-    for dtype in DTYPES:
-        x = _rand((len(token_slots), hidden), dtype, gen)
-        base = _rand((len(token_slots), sum(widths)), dtype, gen)
-        got, want = base.clone(), base.clone()
-        offset = 0
-        for width in widths:
-            lora_a = _rand((n_slots, max_rank, hidden), dtype, gen, hidden**-0.5)
-            lora_b = _rand((n_slots, width, max_rank), dtype, gen, max_rank**-0.5)
-            scaling = torch.rand(n_slots, generator=gen, device=device) + 0.5
-            LoraOps("triton").apply(x, got, lora_a, lora_b, scaling, batch, offset)
-            LoraOps("torch").apply(x, want, lora_a, lora_b, scaling, batch, offset)
-            offset += width
-        atol, rtol = TOLERANCES[dtype]
-        # Both paths round h to the dtype, so allow two roundings.
-        ok = bool(torch.allclose(got.float(), want.float(), atol=2 * atol, rtol=2 * rtol))
-        results.append(
-            {
-                "op": "LoraOps.apply triton vs torch",
-                "dtype": str(dtype)[6:],
-                "shape": f"T{len(token_slots)} hidden{hidden} qkv",
-                "ok": ok and (auto_picks_triton or device.type != "cuda"),
-                "max_abs_err": float((got.float() - want.float()).abs().max()),
-            }
-        )
-    return results
-
-
-def _check_sync_free(gen: torch.Generator) -> bool | str:
-    if not torch.cuda.is_available():
-        return "skipped: no CUDA"
-    device = gen.device
-    x = _rand((64, 512), torch.float16, gen)
-    lora_a = _rand((4, 16, 512), torch.float16, gen)
-    lora_b = _rand((4, 512, 16), torch.float16, gen)
-    scaling = torch.ones(4, device=device)
-    slots = torch.randint(-1, 4, (64,), generator=gen, device=device)
-    seg = (_long([0, 10], device), _long([10, 54], device), _long([1, 3], device))
-    out = torch.zeros(64, 512, dtype=torch.float16, device=device)
-    # Warm the JIT first: compiling may legitimately touch the device synchronously.
-    for _ in range(2):
-        tl_ops.bgmv_expand(tl_ops.bgmv_shrink(x, lora_a, slots), lora_b, slots, scaling, out)
-        tl_ops.sgmv_expand(tl_ops.sgmv_shrink(x, lora_a, *seg), lora_b, *seg, scaling, out)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        tl_ops.bgmv_expand(tl_ops.bgmv_shrink(x, lora_a, slots), lora_b, slots, scaling, out)
-        tl_ops.sgmv_expand(tl_ops.sgmv_shrink(x, lora_a, *seg), lora_b, *seg, scaling, out)
-    except RuntimeError as exc:
-        return f"no: {exc}"
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    return True
-
-
-# --------------------------------------------------------------------------------------------------
-# (b) BGMV bandwidth
-
-
-def _copy_bandwidth(nbytes: int) -> float:
-    """Device-to-device copy throughput in bytes/s, counting the read and the write."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    iters = 20
-    start.record()
-    for _ in range(iters):
-        dst.copy_(src)
-    end.record()
-    end.synchronize()
-    seconds = start.elapsed_time(end) * 1e-3 / iters
-    del src, dst
-    return 2 * nbytes / seconds
-
-
-def _time_eager(call: Callable[[int], None], n_sets: int, iters: int) -> float:
-    """Seconds per call, launching back to back from Python (includes any host launch overhead)."""
+def _per_call_s(call: Callable[[int], None], n_sets: int, iters: int, device: torch.device) -> float:
+    """Seconds per call launched back to back from Python (host launch cost included)."""
     for i in range(2 * n_sets):
         call(i % n_sets)
+    if device.type != "cuda":
+        start = time.perf_counter()
+        for i in range(iters):
+            call(i % n_sets)
+        return (time.perf_counter() - start) / iters
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     for i in range(iters):
         call(i % n_sets)
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e-3 / iters
+    return begin.elapsed_time(end) * 1e-3 / iters
 
 
-def _time_graph(call: Callable[[int], None], n_sets: int, replays: int) -> float:
+def _graph_per_call_s(call: Callable[[int], None], n_sets: int, replays: int) -> float:
     """Seconds per call on the device alone: one CUDA graph of n_sets calls, replayed."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -413,265 +227,243 @@ def _time_graph(call: Callable[[int], None], n_sets: int, replays: int) -> float
             call(i)
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
     for _ in range(replays):
         graph.replay()
     end.record()
     end.synchronize()
-    return start.elapsed_time(end) * 1e-3 / (replays * n_sets)
+    return begin.elapsed_time(end) * 1e-3 / (replays * n_sets)
 
 
-class _BgmvBench:
-    """Batch of decode tokens, each on its own adapter, with enough weight copies to defeat L2.
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Device-to-device copy throughput in bytes/s, counting the read and the write."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = _per_call_s(lambda _i: dst.copy_(src), 1, 20, device)
+    return 2 * nbytes / seconds
 
-    Every token reads a distinct A/B slice, so "bytes of slices actually read" is also the DRAM
-    traffic; calls rotate through n_sets disjoint slot ranges so no call finds its slices in L2.
+
+class BgmvBench:
+    """A decode batch with a distinct adapter per token, and enough weight copies to defeat the L2.
+
+    Every token reads its own A / B slice, so the bytes of the slices read are also the DRAM traffic;
+    calls rotate through n_sets disjoint slot ranges so that no call finds its slices in the L2.
     """
 
-    def __init__(self, tokens: int, rank: int, hidden: int, dtype: torch.dtype) -> None:
-        props = torch.cuda.get_device_properties(0)
-        l2_bytes = int(getattr(props, "L2_cache_size", 50 * 2**20) or 50 * 2**20)
+    def __init__(self, tokens: int, rank: int, hidden: int, dtype: torch.dtype, device: torch.device) -> None:
+        l2_bytes = 50 * 2**20
+        if device.type == "cuda":
+            l2_bytes = int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", l2_bytes) or l2_bytes)
         elt = torch.empty(0, dtype=dtype).element_size()
-        per_call = tokens * rank * hidden * elt
-        self.n_sets = min(64, max(4, math.ceil(3 * l2_bytes / per_call)))
-        self.tokens, self.rank, self.hidden, self.elt = tokens, rank, hidden, elt
-        gen = torch.Generator(device="cuda").manual_seed(1)
-        slots_total = tokens * self.n_sets
-        self.lora_a = _rand((slots_total, rank, hidden), dtype, gen, 0.02)
-        self.lora_b = _rand((slots_total, hidden, rank), dtype, gen, 0.02)
-        self.scaling = torch.full((slots_total,), 0.5, device="cuda")
-        self.x = [_rand((tokens, hidden), dtype, gen) for _ in range(self.n_sets)]
-        self.h = [_rand((tokens, rank), dtype, gen) for _ in range(self.n_sets)]
-        self.out = [torch.zeros(tokens, hidden, dtype=dtype, device="cuda") for _ in range(self.n_sets)]
-        self.slots = [
-            torch.randperm(tokens, generator=gen, device="cuda") + s * tokens for s in range(self.n_sets)
-        ]
+        self.n_sets = min(64, max(2, math.ceil(3 * l2_bytes / (tokens * rank * hidden * elt))))
+        if device.type != "cuda":
+            self.n_sets = 2
+        self.tokens, self.rank, self.hidden, self.elt, self.device = tokens, rank, hidden, elt, device
+        gen = torch.Generator(device=device).manual_seed(1)
 
-    def shrink(self, i: int) -> None:
-        tl_ops.bgmv_shrink(self.x[i], self.lora_a, self.slots[i])
+        def rand(*shape: int) -> torch.Tensor:
+            return (torch.randn(shape, generator=gen, device=device) * 0.02).to(dtype)
 
-    def expand(self, i: int) -> None:
-        tl_ops.bgmv_expand(self.h[i], self.lora_b, self.slots[i], self.scaling, self.out[i])
+        slots = tokens * self.n_sets
+        self.lora_a, self.lora_b = rand(slots, rank, hidden), rand(slots, hidden, rank)
+        self.scaling = torch.full((slots,), 0.5, device=device)
+        self.x = [rand(tokens, hidden) for _ in range(self.n_sets)]
+        self.h = [rand(tokens, rank) for _ in range(self.n_sets)]
+        self.out = [torch.zeros(tokens, hidden, dtype=dtype, device=device) for _ in range(self.n_sets)]
+        self.slots = [torch.randperm(tokens, generator=gen, device=device) + s * tokens for s in range(self.n_sets)]
 
     def shrink_bytes(self) -> int:
-        t, r, k, e = self.tokens, self.rank, self.hidden, self.elt
-        return (t * r * k + t * k + t * r) * e  # A slices + x + h
+        t, r, k = self.tokens, self.rank, self.hidden
+        return (t * r * k + t * k + t * r) * self.elt  # A slices + x + h
 
     def expand_bytes(self) -> int:
-        t, r, n, e = self.tokens, self.rank, self.hidden, self.elt
-        return (t * n * r + t * r + 2 * t * n) * e  # B slices + h + out read and written
+        t, r, n = self.tokens, self.rank, self.hidden
+        return (t * n * r + t * r + 2 * t * n) * self.elt  # B slices + h + out read and written
 
-
-def _measure(bench: _BgmvBench, copy_bw: float, replays: int) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for op, call, nbytes in (
-        ("shrink", bench.shrink, bench.shrink_bytes()),
-        ("expand", bench.expand, bench.expand_bytes()),
-    ):
-        graph_s = _time_graph(call, bench.n_sets, replays)
-        eager_s = _time_eager(call, bench.n_sets, replays * bench.n_sets)
-        result[op] = {
-            "bytes": nbytes,
-            "device_us": round(graph_s * 1e6, 2),
-            "eager_us": round(eager_s * 1e6, 2),
-            "device_GBps": round(nbytes / graph_s / 1e9, 1),
-            "eager_GBps": round(nbytes / eager_s / 1e9, 1),
-            "fraction_of_copy": round(nbytes / graph_s / copy_bw, 3),
-            "eager_fraction_of_copy": round(nbytes / eager_s / copy_bw, 3),
+    def measure(self, impl: Any, copy_bw: float, replays: int) -> dict[str, dict[str, float]]:
+        calls = {
+            "shrink": (lambda i: impl.bgmv_shrink(self.x[i], self.lora_a, self.slots[i]), self.shrink_bytes()),
+            "expand": (lambda i: impl.bgmv_expand(self.h[i], self.lora_b, self.slots[i], self.scaling, self.out[i]),
+                       self.expand_bytes()),
         }
-    return result
-
-
-def _check_bandwidth(section: dict[str, Any], quick: bool, sweep: bool) -> None:
-    if not torch.cuda.is_available():
-        section["status"] = "skipped: no CUDA"
-        return
-    copy_bw = _copy_bandwidth(2**28 if quick else 2**30)
-    section["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
-    section["bar"] = f"fraction_of_copy >= {BANDWIDTH_BAR} (device time from CUDA-graph replay)"
-    tokens, rank, hidden = (8, 16, 512) if quick else (64, 16, 4096)
-    section["shape"] = f"batch {tokens}, rank {rank}, hidden {hidden}, one distinct adapter per token"
-    replays = 3 if quick else 20
-
-    rows: list[dict[str, Any]] = []
-    results: dict[str, dict[str, Any]] = {}
-    for dtype in (torch.float16, torch.bfloat16):
-        bench = _BgmvBench(tokens, rank, hidden, dtype)
-        section["l2_rotation_sets"] = bench.n_sets
-        measured = _measure(bench, copy_bw, replays)
-        results[str(dtype)[6:]] = measured
-        for op, m in measured.items():
-            rows.append({"dtype": str(dtype)[6:], "op": op, **m})
-        del bench
-    section["results"] = rows
-
-    if sweep:
-        section["sweep"] = _sweep(tokens, rank, hidden, copy_bw, replays)
-    fractions = [row["fraction_of_copy"] for row in rows]
-    worst = min(fractions)
-    section["worst_fraction_of_copy"] = worst
-    verdict = "pass" if worst >= BANDWIDTH_BAR else "fail"
-    section["status"] = f"{verdict}: worst BGMV fraction of copy bandwidth {worst:.2f} (bar {BANDWIDTH_BAR})"
-
-
-def _sweep(tokens: int, rank: int, hidden: int, copy_bw: float, replays: int) -> list[dict[str, Any]]:
-    """The BGMV tiling knobs are fixed heuristics chosen without a GPU; record what a real card prefers."""
-    knobs = ("_TILE_ELEMS", "_BGMV_NUM_WARPS", "_PROGRAMS_PER_SM")
-    saved = {k: getattr(tl_ops, k) for k in knobs}
-    configs = [(t, w, p) for t in (2048, 4096, 8192) for w in (4, 8) for p in (2, 4)]
-    bench = _BgmvBench(tokens, rank, hidden, torch.float16)
-    rows: list[dict[str, Any]] = []
-    try:
-        for tile, warps, per_sm in configs:
-            tl_ops._TILE_ELEMS, tl_ops._BGMV_NUM_WARPS, tl_ops._PROGRAMS_PER_SM = tile, warps, per_sm
-            m = _measure(bench, copy_bw, max(2, replays // 4))
-            rows.append(
-                {
-                    "tile_elems": tile,
-                    "num_warps": warps,
-                    "programs_per_sm": per_sm,
-                    "default": (tile, warps, per_sm) == tuple(saved.values()),
-                    "shrink_fraction": m["shrink"]["fraction_of_copy"],
-                    "expand_fraction": m["expand"]["fraction_of_copy"],
-                    "shrink_eager_fraction": m["shrink"]["eager_fraction_of_copy"],
-                    "expand_eager_fraction": m["expand"]["eager_fraction_of_copy"],
-                }
-            )
-    finally:
-        for k, v in saved.items():
-            setattr(tl_ops, k, v)
-    return rows
-
-
-def _sgmv_throughput(section: dict[str, Any], quick: bool) -> None:
-    """Informational: prefill-sized SGMV, to see that the segment grid's idle programs stay cheap."""
-    if not torch.cuda.is_available():
-        section["status"] = "skipped: no CUDA"
-        return
-    gen = torch.Generator(device="cuda").manual_seed(2)
-    hidden, rank = (512, 16) if quick else (4096, 16)
-    rows: list[dict[str, Any]] = []
-    for tokens, n_segs in ((256, 1), (2048, 1), (2048, 16), (2048, 64)):
-        x = _rand((tokens, hidden), torch.float16, gen)
-        lora_a = _rand((n_segs, rank, hidden), torch.float16, gen, 0.02)
-        lora_b = _rand((n_segs, hidden, rank), torch.float16, gen, 0.02)
-        scaling = torch.ones(n_segs, device="cuda")
-        length = tokens // n_segs
-        seg = (
-            torch.arange(n_segs, device="cuda") * length,
-            torch.full((n_segs,), length, device="cuda"),
-            torch.arange(n_segs, device="cuda"),
-        )
-        h = tl_ops.sgmv_shrink(x, lora_a, *seg)
-        out = torch.zeros(tokens, hidden, dtype=torch.float16, device="cuda")
-        shrink_s = _time_graph(lambda _i, x=x, a=lora_a, s=seg: tl_ops.sgmv_shrink(x, a, *s), 4, 10)
-        expand_s = _time_graph(
-            lambda _i, h=h, b=lora_b, s=seg, sc=scaling, o=out: tl_ops.sgmv_expand(h, b, *s, sc, o), 4, 10
-        )
-        x_bytes = tokens * hidden * 2
-        rows.append(
-            {
-                "tokens": tokens,
-                "segments": n_segs,
-                "shrink_us": round(shrink_s * 1e6, 1),
-                "expand_us": round(expand_s * 1e6, 1),
-                "shrink_GBps(x+A)": round((x_bytes + n_segs * rank * hidden * 2) / shrink_s / 1e9, 1),
-                "expand_GBps(out rw+B)": round(
-                    (2 * x_bytes + n_segs * rank * hidden * 2) / expand_s / 1e9, 1
-                ),
+        result: dict[str, dict[str, float]] = {}
+        for op, (call, nbytes) in calls.items():
+            eager_s = _per_call_s(call, self.n_sets, replays * self.n_sets, self.device)
+            device_s = _graph_per_call_s(call, self.n_sets, replays) if self.device.type == "cuda" else eager_s
+            result[op] = {
+                "bytes": nbytes,
+                "device_us": round(device_s * 1e6, 2),
+                "eager_us": round(eager_s * 1e6, 2),
+                "GBps": round(nbytes / device_s / 1e9, 2),
+                "fraction_of_copy": round(nbytes / device_s / copy_bw, 3),
+                "eager_fraction_of_copy": round(nbytes / eager_s / copy_bw, 3),
             }
-        )
+        return result
+
+
+def bgmv_bandwidth(section: dict[str, Any], dry_run: bool) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens, rank, hidden = (4, 4, 64) if dry_run else (64, 16, 4096)
+    copy_bw = copy_bandwidth(2**22 if dry_run else 2**30, device)
+    section["copy_bandwidth_GBps"] = round(copy_bw / 1e9, 1)
+    section["shape"] = f"batch {tokens}, rank {rank}, hidden {hidden}, one adapter per token"
+    section["tiling"] = asdict(tuning_for(device).lora) | {"table_entry": device_key(device)}
+    rows = []
+    for dtype in (torch.float16, torch.bfloat16):
+        bench = BgmvBench(tokens, rank, hidden, dtype, device)
+        section["l2_rotation_sets"] = bench.n_sets
+        for op, m in bench.measure(TritonLora(), copy_bw, 2 if dry_run else 20).items():
+            rows.append({"dtype": str(dtype).removeprefix("torch."), "op": op, **m})
     section["results"] = rows
-    section["status"] = "pass (informational)"
+    worst = min(row["fraction_of_copy"] for row in rows)
+    section["worst_fraction_of_copy"] = worst
+    what = "Triton BGMV" if device.type == "cuda" else "Triton's CPU interpreter (not a GPU number)"
+    section["status"] = f"measured: {what}, worst {worst:.2f} of copy bandwidth"
+
+
+def bgmv_tiling_sweep(section: dict[str, Any], dry_run: bool) -> None:
+    """Each candidate tiling through its own TritonLora; nothing global changes."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens, rank, hidden = (4, 4, 64) if dry_run else (64, 16, 4096)
+    candidates = SWEEP[:2] if dry_run else SWEEP
+    copy_bw = copy_bandwidth(2**22 if dry_run else 2**30, device)
+    bench = BgmvBench(tokens, rank, hidden, torch.bfloat16, device)
+    current = tuning_for(device).lora
+    rows = []
+    for tiling in candidates:
+        m = bench.measure(TritonLora(tiling), copy_bw, 1 if dry_run else 5)
+        rows.append({**asdict(tiling), "current": tiling == current, "shrink_fraction": m["shrink"]["fraction_of_copy"],
+                     "expand_fraction": m["expand"]["fraction_of_copy"]})
+    section["results"] = rows
+    best = max(rows, key=lambda r: min(r["shrink_fraction"], r["expand_fraction"]))
+    section["best"] = {k: best[k] for k in ("tile_elems", "bgmv_num_warps", "programs_per_sm")}
+    section["status"] = f"measured: best for {device_key(device)} in kernels.tuning.TABLE terms: {section['best']}"
 
 
 # --------------------------------------------------------------------------------------------------
-# (c, d) engine sections, owned by loadtests/gpu_engine_check.py
+# bars
 
 
-def _engine_sections(report: Report) -> None:
-    path = Path(__file__).with_name("gpu_engine_check.py")
-    if not path.exists():
-        for name in ("engine_fidelity", "engine_throughput"):
-            report["sections"][name] = {"status": "skipped: engine check not present"}
-        _save(report)
-        return
-    started = time.perf_counter()
-    try:
-        spec = importlib.util.spec_from_file_location("gpu_engine_check", path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"cannot load {path}")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.run_engine_sections(report)
-    except Exception as exc:
-        report["sections"]["engine"] = {
-            "status": f"error: {type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(limit=12),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-    _save(report)
+def _tokens_per_s(sections: dict[str, dict[str, Any]], name: str, run: str | None = None) -> float | None:
+    found: Any = sections.get(name, {})
+    if run is not None:
+        found = found.get(run, {})
+    return found.get("tokens_per_s") if isinstance(found, dict) else None
+
+
+def bars(section: dict[str, Any], sections: dict[str, dict[str, Any]]) -> None:
+    mixed, base = _tokens_per_s(sections, "engine_throughput", "mixed"), _tokens_per_s(sections, "engine_throughput", "base")
+    hf_base, hf_peft = _tokens_per_s(sections, "hf_base"), _tokens_per_s(sections, "hf_peft_mixed")
+    overhead = sections.get("engine_throughput", {}).get("decode_step", {}).get("host_overhead_fraction")
+    bandwidth = sections.get("bgmv_bandwidth", {}).get("worst_fraction_of_copy")
+    measured = {
+        "mixed_over_base": mixed / base if mixed and base else None,
+        "mixed_over_hf_peft_mixed": mixed / hf_peft if mixed and hf_peft else None,
+        "mixed_over_hf_base": mixed / hf_base if mixed and hf_base else None,
+        "decode_host_overhead_below": overhead,
+        "bgmv_fraction_of_copy": bandwidth,
+    }
+    rows, missing, failed = [], [], []
+    for name, bar in BARS.items():
+        value = measured[name]
+        if value is None:
+            missing.append(name)
+            rows.append({"bar": name, "needed": bar, "measured": "n/a", "met": "n/a"})
+            continue
+        met = value < bar if name == "decode_host_overhead_below" else value >= bar
+        rows.append({"bar": name, "needed": bar, "measured": round(value, 3), "met": met})
+        if not met:
+            failed.append(name)
+    section["results"] = rows
+    if not torch.cuda.is_available():
+        section["status"] = "skipped: no CUDA (dry run numbers are not GPU numbers)"
+    elif failed:
+        section["status"] = f"fail: {', '.join(failed)}" + (f"; not measured: {', '.join(missing)}" if missing else "")
+    else:
+        section["status"] = "pass" + (f"; not measured: {', '.join(missing)}" if missing else "")
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def _meta(quick: bool, budget_s: float) -> dict[str, Any]:
+def _meta(budget_s: float, dry_run: bool) -> dict[str, Any]:
+    import triton
+
     meta: dict[str, Any] = {
-        "quick": quick,
-        "cuda": torch.cuda.is_available(),
-        "started_unix": time.time(),
-        "deadline_unix": time.time() + budget_s,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
+        "dry_run": dry_run, "cuda": torch.cuda.is_available(), "started_unix": time.time(),
+        "deadline_unix": time.time() + budget_s, "python": platform.python_version(), "torch": torch.__version__,
+        "triton": triton.__version__, "triton_interpret": os.environ.get("TRITON_INTERPRET", ""),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        meta.update(
-            {
-                "device": props.name,
-                "capability": f"{props.major}.{props.minor}",
-                "sms": props.multi_processor_count,
-                "memory_GiB": round(props.total_memory / 2**30, 1),
-                "cuda_runtime": torch.version.cuda,
-            }
-        )
+        meta.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
+                    memory_GiB=round(props.total_memory / 2**30, 1), cuda_runtime=torch.version.cuda)
     return meta
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny shapes (CPU smoke test under TRITON_INTERPRET=1)"
-    )
-    parser.add_argument("--no-sweep", action="store_true", help="skip the BGMV tiling sweep")
-    parser.add_argument(
-        "--sections",
-        default="kernels,bandwidth,sgmv,engine",
-        help="comma-separated subset of kernels,bandwidth,sgmv,engine",
-    )
-    parser.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget for the whole run")
+    parser.add_argument("--dry-run", action="store_true", help="every section at tiny shapes on the CPU (seconds)")
+    parser.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of the whole run")
+    parser.add_argument("--results-dir", default=str(REPO_ROOT / "loadtests" / "results" / "gpu_check"),
+                        help="where the report goes when $OUT is not set")
+    parser.add_argument("--skip", default="", help="comma-separated sections to leave out (e.g. fidelity)")
     args = parser.parse_args(argv)
-    wanted = set(args.sections.split(","))
+    skip = set(filter(None, args.skip.split(",")))
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("no CUDA device here: use --dry-run")
+    results = Path(os.environ.get("OUT") or args.results_dir)
+    report = Report(results, _meta(args.budget_s, args.dry_run))
+    workload = engine_check.DRY_RUN if args.dry_run else engine_check.SEVEN_B
 
-    report: Report = {"meta": _meta(args.quick, args.budget_s), "sections": {}}
-    _save(report)
-    if "kernels" in wanted:
-        _run_section(report, "kernel_correctness", lambda s: _check_kernels(s, args.quick))
-    if "bandwidth" in wanted:
-        _run_section(report, "bgmv_bandwidth", lambda s: _check_bandwidth(s, args.quick, not args.no_sweep))
-    if "sgmv" in wanted:
-        _run_section(report, "sgmv_prefill_timing", lambda s: _sgmv_throughput(s, args.quick))
-    if "engine" in wanted:
-        _engine_sections(report)
-    report["meta"]["total_seconds"] = round(time.time() - report["meta"]["started_unix"], 1)
-    _save(report)
-    print(f"[gpu_check] wrote {_out_dir() / 'gpu_check.json'} and gpu_check.md", flush=True)
-    statuses = [s.get("status", "") for s in report["sections"].values() if isinstance(s, dict)]
-    return 1 if any(st.startswith(("fail", "error")) for st in statuses) else 0
+    def wanted(name: str, needs_s: float) -> bool:
+        if name in skip:
+            report.skip(name, "--skip")
+            return False
+        if report.remaining_s() < needs_s:
+            report.skip(name, f"{report.remaining_s():.0f} s of the budget left, needs about {needs_s:.0f} s")
+            return False
+        return True
+
+    if wanted("fidelity", 0):
+        report.run("fidelity", lambda s: fidelity(s, results, max(60.0, min(210.0, report.remaining_s() - 240)),
+                                                  args.dry_run))
+    if wanted("bgmv_bandwidth", 10):
+        report.run("bgmv_bandwidth", lambda s: bgmv_bandwidth(s, args.dry_run))
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as root:
+        prepared: list[engine_check.Prepared] = []
+
+        def prepare(section: dict[str, Any]) -> None:
+            prepared.append(engine_check.prepare(workload, Path(root)))
+            section.update(status="ok", adapters_on_disk=workload.adapters, model=workload.model)
+
+        report.run("prepare", prepare)
+        if not prepared:
+            print("[gpu_check] nothing to measure the engine with; see the prepare section", flush=True)
+            return _finish(report, results)
+        prep = prepared[0]
+        if wanted("cuda_graphs", 30 if not args.dry_run else 0):
+            report.run("cuda_graphs", lambda s: engine_check.cuda_graphs(s, prep))
+        if report.remaining_s() < 150 and not args.dry_run:
+            prep = prep.reduced()  # the report's workload entry says so
+        if wanted("engine_throughput", 40 if not args.dry_run else 0):
+            report.run("engine_throughput", lambda s: engine_check.engine_throughput(s, prep, report.save))
+        if wanted("hf_base", 20 if not args.dry_run else 0):
+            cap = max(5.0, min(60.0, report.remaining_s() - 70))
+            report.run("hf_base", lambda s: engine_check.hf_base(s, prep, cap))
+        if wanted("hf_peft_mixed", 20 if not args.dry_run else 0):
+            cap = max(5.0, min(workload.hf_peft_cap_s, report.remaining_s() - 30))
+            report.run("hf_peft_mixed", lambda s: engine_check.hf_peft_mixed(s, prep, cap))
+    if wanted("bgmv_tiling_sweep", 25 if not args.dry_run else 0):
+        report.run("bgmv_tiling_sweep", lambda s: bgmv_tiling_sweep(s, args.dry_run))
+    return _finish(report, results)
+
+
+def _finish(report: Report, results: Path) -> int:
+    report.run("bars", lambda s: bars(s, report.sections))
+    print(f"[gpu_check] report: {results / 'gpu_check.md'}", flush=True)
+    return 1 if report.failed() else 0
 
 
 if __name__ == "__main__":

@@ -74,6 +74,8 @@ _FLAGS: list[tuple[str, str, type | None, str]] = [
      "seconds a request may run in the engine before it is stopped (default: none; beyond: HTTP 504)"),
     ("--adapter-load-timeout-s", "adapter_load_timeout_s", float,
      "seconds an adapter load may take before its requests fail (default 60)"),
+    ("--refusal-hold-s", "refusal_hold_s", float,
+     "after a replica's 429 for an adapter, the ingress refuses that adapter itself this long (default 0.25; 0: off)"),
 ]
 # Ray's switch that keeps a single-machine instance on its loopback address (see the module docstring).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"

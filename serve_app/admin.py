@@ -28,7 +28,6 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,24 +37,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine import check_source
+from serve_app.errors import admin_status
+from serve_app.validation import is_adapter_id
 
 log = logging.getLogger("serve_app.admin")
 
 TOKEN_ENV = "LORASERVE_ADMIN_TOKEN"
-ADAPTER_ID = re.compile(r"^\S{1,256}$")  # ids travel in URLs and metric labels: no whitespace, bounded
 MAX_ADMIN_BODY = 64 * 1024
-
-# Replica error kinds (ReplicaCore.admin) -> (HTTP status, TGI error_type).
-ADMIN_STATUS: dict[str, tuple[int, str]] = {
-    "busy": (409, "adapter_busy"),
-    "unknown": (404, "not_found"),
-    "forbidden": (403, "forbidden"),
-    "adapter_load": (424, "adapter_load"),
-    "validation": (422, "validation"),
-    "unavailable": (503, "unhealthy"),
-    "error": (500, "admin"),
-}
-
 
 class AdminBackend(Protocol):
     async def admin(self, op: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,8 +86,9 @@ class AdminApi:
         self._token = (config.token or "").encode()
 
     # ---- guard --------------------------------------------------------------------------------
-    def _refuse(self, request: Request) -> Response | None:
-        """The 403/401 answer for a request that may not use the admin API, or None when it may."""
+    def refuse(self, request: Request) -> Response | None:
+        """The 403/401 answer for a request that may not use the admin API, or None when it may (also
+        guards GET /admin/stats, serve_app/http_app.py)."""
         if not self.config.enabled:
             return admin_error(403, "admin API disabled (set admin_enabled: true and an admin token in the "
                                     "app config)", "forbidden")
@@ -115,8 +104,6 @@ class AdminApi:
         if not hmac.compare_digest(given.strip().encode(), self._token):
             return admin_error(401, "invalid admin token", "unauthorized", challenge)
         return None
-
-    refuse = _refuse  # public: serve_app/http_app.py guards GET /admin/stats with the same check
 
     async def _body(self, request: Request) -> dict[str, Any] | Response:
         raw = await request.body()
@@ -157,13 +144,13 @@ class AdminApi:
                                 status_code=404)
         real = [e for e in errors if e.get("kind") != "unknown"]
         if real:
-            status, error_type = ADMIN_STATUS.get(real[0].get("kind", "error"), ADMIN_STATUS["error"])
+            status, error_type = admin_status(real[0].get("kind", "error"))
             return JSONResponse({"error": real[0]["message"], "error_type": error_type, **body}, status_code=status)
         return JSONResponse(body, status_code=ok_status)
 
     # ---- routes -------------------------------------------------------------------------------
     async def list_adapters(self, request: Request) -> Response:
-        if (refused := self._refuse(request)) is not None:
+        if (refused := self.refuse(request)) is not None:
             return refused
         results = await self._run("list", {})
         if isinstance(results, Response):
@@ -173,14 +160,14 @@ class AdminApi:
         return JSONResponse({"adapters": adapters, "replicas": [r["replica"] for r in results], "errors": errors})
 
     async def load(self, request: Request) -> Response:
-        if (refused := self._refuse(request)) is not None:
+        if (refused := self.refuse(request)) is not None:
             return refused
         body = await self._body(request)
         if isinstance(body, Response):
             return body
         adapter_id = body.get("id", body.get("adapter_id"))
-        if not isinstance(adapter_id, str) or not ADAPTER_ID.match(adapter_id):
-            return admin_error(422, "id: required, a non-empty string without whitespace (at most 256 characters)",
+        if not isinstance(adapter_id, str) or not is_adapter_id(adapter_id):
+            return admin_error(422, "id: required, 1 to 256 printable characters without whitespace",
                                "validation")
         source = body.get("source", adapter_id)  # a bare Hub id: {"id": "org/name"}
         revision = body.get("revision")
@@ -192,29 +179,25 @@ class AdminApi:
             check_source(source, self.config.source_roots)
         except PermissionError as exc:
             return admin_error(403, f"source refused: {exc}", "forbidden")
-        results = await self._run("load", {"id": adapter_id, "source": source, "revision": revision,
-                                           "preload": preload})
-        if isinstance(results, Response):
-            return results
-        return self._merge(adapter_id, results)
+        return await self._run_merged("load", {"id": adapter_id, "source": source, "revision": revision,
+                                               "preload": preload})
 
     async def unload(self, request: Request) -> Response:
-        if (refused := self._refuse(request)) is not None:
+        if (refused := self.refuse(request)) is not None:
             return refused
-        adapter_id = request.path_params["adapter_id"]
-        results = await self._run("unload", {"id": adapter_id})
-        if isinstance(results, Response):
-            return results
-        return self._merge(adapter_id, results)
+        return await self._run_merged("unload", {"id": request.path_params["adapter_id"]})
 
     async def reload(self, request: Request) -> Response:
-        if (refused := self._refuse(request)) is not None:
+        if (refused := self.refuse(request)) is not None:
             return refused
-        adapter_id = request.path_params["adapter_id"]
-        results = await self._run("reload", {"id": adapter_id})
+        return await self._run_merged("reload", {"id": request.path_params["adapter_id"]})
+
+    async def _run_merged(self, op: str, payload: dict[str, Any]) -> Response:
+        """`op` on one adapter on every replica, answered as one (see `_merge`)."""
+        results = await self._run(op, payload)
         if isinstance(results, Response):
             return results
-        return self._merge(adapter_id, results)
+        return self._merge(payload["id"], results)
 
 
 def admin_routes(backend: AdminBackend, config: AdminConfig | None) -> list[Route]:

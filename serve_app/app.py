@@ -16,7 +16,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve_app.demo import resolve_model
+from models.resolve import resolve_model
 from serve_app.deployments import Ingress, ModelReplica
 from serve_app.settings import AppSettings, engine_config_to_dict
 
@@ -129,4 +129,5 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     model = ModelReplica.options(**model_opts).bind(replica_config, settings.model, settings.served_model_name,
                                                     options)
     return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes, settings.affinity_routing,
-                                                settings.admin_config(), settings.request_timeout_s)
+                                                settings.admin_config(), settings.request_timeout_s,
+                                                settings.refusal_hold_s)

@@ -19,9 +19,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-LOAD = "engine_load"  # running + waiting sequences on the replica, all adapters
-KV_USAGE = "kv_usage"  # used / total KV blocks
-QUEUE_WAIT_S = "queue_wait_s"  # age of the oldest waiting request
+from serve_app.stats_keys import ENGINE_LOAD, KV_USAGE, QUEUE_WAIT_S
 
 
 class ContextLike(Protocol):
@@ -43,7 +41,7 @@ def engine_load_stats(stats: Mapping[str, Any], now_waiting_age_s: float = 0.0) 
     """What a replica reports from `Engine.stats()` (the dict record_autoscaling_stats returns)."""
     total = max(1, int(stats.get("kv_blocks_total", 1)))
     return {
-        LOAD: float(stats.get("num_running", 0)) + float(stats.get("num_waiting", 0)),
+        ENGINE_LOAD: float(stats.get("num_running", 0)) + float(stats.get("num_waiting", 0)),
         KV_USAGE: float(stats.get("kv_blocks_used", 0)) / total,
         QUEUE_WAIT_S: float(now_waiting_age_s),
     }
@@ -78,7 +76,7 @@ class AggregateLoadPolicy:
         current = max(0, int(ctx.current_num_replicas))
         lo, hi = int(ctx.capacity_adjusted_min_replicas), int(ctx.capacity_adjusted_max_replicas)
         metrics = ctx.aggregated_metrics or {}
-        per_replica = dict(metrics.get(LOAD, {}))
+        per_replica = dict(metrics.get(ENGINE_LOAD, {}))
         if per_replica:
             total = sum(per_replica.values())
         else:  # no custom metrics yet (replicas starting): Serve's own ongoing-request count

@@ -10,7 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
-from serve_app.core import EngineRequest, ReplicaCore
+from serve_app.core import ReplicaCore
+from serve_app.engine_request import EngineRequest
 
 
 class Backend(Protocol):

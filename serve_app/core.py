@@ -3,36 +3,40 @@
 `ModelReplica` (serve_app/deployments.py) is a thin Ray Serve shell around `ReplicaCore`; the
 in-process backend (serve_app/backends.py) uses the same class directly, so the HTTP layer, the
 request mapping and the metrics are tested without starting Ray. Everything that crosses the
-ingress/replica boundary is a plain dict (cheap to pickle, no engine classes needed on the ingress).
+ingress/replica boundary is a plain dict (cheap to pickle, no engine classes needed on the ingress):
+serve_app/engine_request.py in, serve_app/engine_output.py out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypedDict
+from typing import Any
 
 from engine import (
+    MAX_STOP_SEQUENCES,
+    MAX_TOP_N_TOKENS,
     Engine,
     EngineConfig,
     EngineError,
+    EngineStats,
     InvalidRequestError,
     RequestOutput,
     SamplingParams,
-    TokenInfo,
+    merge_outputs,
 )
-from engine.config import AdapterSpec
-from engine.errors import AdapterBusyError, AdapterLoadError, EngineDeadError, UnknownAdapterError
-from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
+from serve_app.engine_output import delta_dict, result_dict
+from serve_app.engine_request import EngineRequest, check_prompt_size, prompt_chars
 from serve_app.errors import error_info, status_label
 from serve_app.metrics import ReplicaMetrics
+from serve_app.replica_admin import run_admin_op
+from serve_app.stats_keys import SNAPSHOT_ENGINE, SNAPSHOT_METRICS, SNAPSHOT_REPLICA
 
 UNKNOWN_ADAPTER_LABEL = "__unknown__"  # metric label for ids we do not serve (keeps label cardinality bounded)
 FINISHED_OK = ("length", "eos_token", "stop_sequence")
@@ -54,64 +58,10 @@ PREPARE_WORKERS = 2
 PREPARE_NICE = 10
 
 
-class EngineRequest(TypedDict, total=False):
-    """One generation request as the ingress sends it to a replica."""
-
-    request_id: str
-    model: str | None  # adapter id; None, "" or the base model's name mean the base model
-    prompt: str | list[int]  # text or token ids ...
-    messages: list[dict[str, Any]]  # ... or chat messages (rendered with the tokenizer's chat template)
-    params: dict[str, Any]  # SamplingParams fields; max_new_tokens None = default_max_new_tokens
-    default_max_new_tokens: int | None  # None: whatever room the context leaves
-    truncate: int | None
-    details: bool  # per-token details (ids, logprobs) in the final result
-    arrival: float  # time.time() when the ingress received the request (for time to first token)
-
-
-def prompt_chars(req: EngineRequest) -> int:
-    """The size of a request's prompt in characters (chat: roles and contents), or token ids in a list."""
-    messages = req.get("messages")
-    if messages is not None:
-        return sum(len(str(m.get("role") or "")) + len(str(m.get("content") or "")) for m in messages)
-    return len(req.get("prompt") or "")
-
-
-def check_prompt_size(req: EngineRequest, max_input_chars: int | None, max_model_len: int | None) -> None:
-    """Refuse a prompt too big to tokenize (InvalidRequestError naming the field and the limit).
-
-    The one rule for both sides: the ingress applies it with the limits from the replica's `info()`
-    (before the prompt crosses to a replica), the replica again before it tokenizes.
-    """
-    size = prompt_chars(req)
-    if req.get("messages") is not None:
-        if max_input_chars is not None and size > max_input_chars:
-            raise InvalidRequestError("messages", f"at most {max_input_chars} characters of roles and contents "
-                                                  f"together (max_input_chars), given: {size}")
-    elif isinstance(req.get("prompt"), list):
-        if max_model_len is not None and size > max_model_len:
-            raise InvalidRequestError("inputs", f"at most {max_model_len} token ids (max_model_len), given: {size}")
-    elif max_input_chars is not None and size > max_input_chars:
-        raise InvalidRequestError("inputs", f"`inputs` must have at most {max_input_chars} characters "
-                                            f"(max_input_chars), given: {size}")
-
-
 def _lower_thread_priority() -> None:
     """Initializer of the prepare workers. Linux sets priorities per thread; elsewhere this is a no-op."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PREPARE_NICE)
-
-
-def token_dict(token: TokenInfo) -> dict[str, Any]:
-    lp = token.logprob
-    # JSON has no NaN/inf: an impossible token (filtered by top-k/top-p) reports null.
-    return {"id": token.id, "text": token.text, "logprob": lp if lp is not None and math.isfinite(lp) else None,
-            "special": token.special}
-
-
-def engine_alive(engine: Engine) -> bool:
-    """Whether the engine's step loop still runs. Engine has no public liveness call yet."""
-    thread = getattr(engine, "_thread", None)
-    return getattr(engine, "_dead", None) is None and (thread is None or thread.is_alive())
 
 
 class ReplicaCore:
@@ -132,15 +82,15 @@ class ReplicaCore:
         self._loads_seen = 0  # the pool's source_loads already put into metrics.adapter_load
 
     # ---- request preparation ------------------------------------------------------------------
-    def resolve_adapter(self, model: str | None) -> str | None:
+    def resolve_adapter(self, adapter_id: str | None) -> str | None:
         """The engine adapter id for an API `model` / `adapter_id` value (None = base model)."""
-        if model is None or model == "":
+        if adapter_id is None or adapter_id == "":
             return None
-        if self.engine.has_adapter(model):
-            return model
-        if model == self.served_name:
+        if self.engine.has_adapter(adapter_id):
+            return adapter_id
+        if adapter_id == self.served_name:
             return None
-        return model  # unknown: the engine answers UnknownAdapterError
+        return adapter_id  # unknown: the engine answers UnknownAdapterError
 
     def _adapter_label(self, adapter_id: str | None) -> str:
         if adapter_id is None:
@@ -158,22 +108,17 @@ class ReplicaCore:
             except Exception as exc:  # a template may raise on roles it does not support
                 raise InvalidRequestError("messages", f"the chat template rejected the messages: {exc}") from exc
             # Templates carry their own special tokens (as transformers' apply_chat_template(tokenize=True)).
-            return self.engine.tokenize(list(tokenizer.encode(text, add_special_tokens=False)))
+            return self.engine.tokenize(list(tokenizer.encode(text, add_special_tokens=False)), req.get("truncate"))
         prompt = req.get("prompt")
         if prompt is None:
             raise InvalidRequestError("inputs", "is required")
-        return self.engine.tokenize(prompt)
+        return self.engine.tokenize(prompt, req.get("truncate"))
 
     def prepare(self, req: EngineRequest) -> tuple[list[int], SamplingParams, str | None]:
         """Token ids, sampling parameters and adapter of a request; raises InvalidRequestError."""
-        adapter_id = self.resolve_adapter(req.get("model"))
+        adapter_id = self.resolve_adapter(req.get("adapter_id"))
         check_prompt_size(req, self.max_input_chars, self.engine.max_model_len)
-        ids = self._prompt_ids(req)
-        truncate = req.get("truncate")
-        if truncate is not None:
-            if truncate < 1:
-                raise InvalidRequestError("truncate", f"must be >= 1, got {truncate}")
-            ids = ids[-truncate:]
+        ids = self._prompt_ids(req)  # truncated (`truncate`) by the engine's tokenize
         kwargs = dict(req.get("params") or {})
         if "stop" in kwargs:
             kwargs["stop"] = tuple(kwargs["stop"])
@@ -203,7 +148,7 @@ class ReplicaCore:
     async def outputs(self, req: EngineRequest) -> AsyncIterator[RequestOutput]:
         """The engine's outputs for one request, with its metrics recorded when it ends (any way)."""
         arrival = req.get("arrival") or time.time()
-        label = self._adapter_label(self.resolve_adapter(req.get("model")))
+        label = self._adapter_label(self.resolve_adapter(req.get("adapter_id")))
         try:
             ids, params, adapter_id = await self.prepare_off_loop(req)
         except Exception as exc:
@@ -240,31 +185,15 @@ class ReplicaCore:
 
     async def generate(self, req: EngineRequest) -> dict[str, Any]:
         """Run to the end; the final result (or {"error": ErrorInfo})."""
-        want_details = bool(req.get("details"))
-        tokens: list[dict[str, Any]] = []
-        top: list[list[dict[str, Any]]] = []
-        prefill: list[dict[str, Any]] = []
-        final: RequestOutput | None = None
         try:
             # Iterate to the end (the engine stops after the final output) so that `outputs`
             # records this request's metrics now, not when the generator is garbage-collected.
-            async for out in self.outputs(req):
-                if want_details:
-                    tokens.extend(token_dict(t) for t in out.tokens)
-                    top.extend([token_dict(t) for t in alts] for alts in out.top_tokens)
-                    if out.prefill:
-                        prefill = [token_dict(t) for t in out.prefill]
-                if out.finished:
-                    final = out
+            final = merge_outputs([out async for out in self.outputs(req)])
         except Exception as exc:  # an unexpected one too: its text goes to the log, not to the client
             return {"error": error_info(exc, req.get("request_id"))}
         if final is None:
             return {"error": error_info(EngineError("the request ended without a result"))}
-        result = _final_fields(final)
-        result["token_ids"] = list(final.token_ids)
-        if want_details:
-            result.update(tokens=tokens, top_tokens=top, prefill=prefill)
-        return result
+        return result_dict(final, details=bool(req.get("details")))
 
     async def stream(self, req: EngineRequest) -> AsyncIterator[list[dict[str, Any]]]:
         """Deltas in chunks of one or more tokens. Errors arrive as a final {"error": ErrorInfo} item.
@@ -318,7 +247,7 @@ class ReplicaCore:
                         chunk.append({"error": error_info(item, req.get("request_id"))})
                         done = True
                     else:
-                        chunk.append(_delta(item))
+                        chunk.append(delta_dict(item))
                 if chunk:
                     self.metrics.record_chunk(len(chunk))
                     yield chunk
@@ -363,104 +292,32 @@ class ReplicaCore:
         }
 
     def health(self) -> dict[str, Any]:
-        return {"ok": engine_alive(self.engine), "replica": self.replica_id}
+        return {"ok": self.engine.is_alive(), "replica": self.replica_id}
 
-    def snapshot(self) -> dict[str, Any]:
-        """Metrics + engine stats of this replica, for /metrics and /admin/stats."""
-        self._observe_adapter_loads()
-        stats = self.engine.stats()
-        return {"replica": self.replica_id, "metrics": self.metrics.snapshot(), "engine": stats}
+    def snapshot(self, stats: EngineStats | None = None) -> dict[str, Any]:
+        """Metrics + engine stats (`stats`, or taken now) of this replica, for /metrics and /admin/stats."""
+        stats = stats or self.engine.stats()
+        self._observe_adapter_loads(stats)
+        return {SNAPSHOT_REPLICA: self.replica_id, SNAPSHOT_METRICS: self.metrics.snapshot(), SNAPSHOT_ENGINE: stats.as_dict()}
 
-    def _observe_adapter_loads(self) -> None:
-        """Move new load latencies from the pool into a cumulative histogram.
+    def _observe_adapter_loads(self, stats: EngineStats) -> None:
+        """Move new load latencies from the pool's stats into a cumulative histogram.
 
-        The pool keeps only the last 4096 latencies (a list), which cannot back a Prometheus
-        histogram (counts must never go down); `source_loads` is monotonic and counts the same loads,
-        so the entries past what we have seen are the list's last `new` ones. Read both under the
-        pool's lock, which `_read` appends under, so they agree.
+        The pool keeps only the last 4096 latencies, which cannot back a Prometheus histogram
+        (counts must never go down); `source_loads` is monotonic and counts the same loads, so the
+        entries past what we have seen are the last `new` ones (the pool reads both together).
         """
-        pool = self.engine.pool
-        with getattr(pool, "_lock", contextlib.nullcontext()):
-            loads = pool.counters.source_loads
-            new = loads - self._loads_seen
-            latencies = list(pool.counters.load_seconds[-new:]) if new > 0 else []
+        loads = stats.adapters.source_loads
+        new = loads - self._loads_seen
         self._loads_seen = loads
-        for seconds in latencies:
+        for seconds in stats.adapters.load_seconds[-new:] if new > 0 else ():
             self.metrics.observe_adapter_load(seconds)
 
     # ---- adapter admin (serve_app/admin.py) ---------------------------------------------------
     async def admin(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        """One admin operation on this replica: {"replica", "result"} or {"replica", "error": {kind, message}}.
-
-        Loads read files (or download from the Hub): they run in a worker thread so that this
-        replica's event loop keeps streaming tokens meanwhile.
-        """
-        try:
-            if op == "list":
-                result = {"adapters": self.engine.adapter_info()}
-            else:
-                result = await asyncio.to_thread(self._admin_op, op, payload)
-        except Exception as exc:
-            return {"replica": self.replica_id, "error": {"kind": _admin_kind(exc), "message": str(exc)}}
-        return {"replica": self.replica_id, "result": result}
-
-    def _admin_op(self, op: str, payload: dict[str, Any]) -> dict[str, Any]:
-        engine = self.engine
-        adapter_id = str(payload["id"])
-        if op == "load":
-            source = str(payload.get("source") or adapter_id)
-            # Again here, with this replica's own roots (the ingress checked first): nothing is read
-            # unless the source is a Hub id or resolves under a configured root.
-            engine.check_adapter_source(source)
-            revision = payload.get("revision")
-            spec = AdapterSpec(adapter_id, source, str(revision) if revision else None)
-            return engine.load_adapter(spec, preload=bool(payload.get("preload", True)))
-        if op == "reload":
-            return engine.reload_adapter(adapter_id)
-        if op == "unload":
-            engine.unload_adapter(adapter_id)
-            return {"id": adapter_id, "unloaded": True}
-        raise InvalidRequestError("op", f"unknown admin operation {op!r}")
+        """One adapter admin operation on this replica (serve_app/replica_admin.py)."""
+        return await run_admin_op(self.engine, self.replica_id, op, payload)
 
     def shutdown(self) -> None:
         self._prepare_pool.shutdown(wait=False, cancel_futures=True)
         self.engine.shutdown()
-
-
-def _admin_kind(exc: BaseException) -> str:
-    """The admin error kind of an engine exception (serve_app/admin.py maps kinds to statuses)."""
-    if isinstance(exc, AdapterBusyError):
-        return "busy"
-    if isinstance(exc, UnknownAdapterError):
-        return "unknown"
-    if isinstance(exc, PermissionError):
-        return "forbidden"
-    if isinstance(exc, AdapterLoadError):
-        return "adapter_load"
-    if isinstance(exc, InvalidRequestError):
-        return "validation"
-    if isinstance(exc, EngineDeadError):
-        return "unavailable"
-    return "error"
-
-
-def _final_fields(out: RequestOutput) -> dict[str, Any]:
-    return {
-        "finish_reason": out.finish_reason,
-        "generated_text": out.generated_text or "",
-        "generated_tokens": out.generated_tokens,
-        "prompt_tokens": out.prompt_tokens,
-        "seed": out.seed,
-    }
-
-
-def _delta(out: RequestOutput) -> dict[str, Any]:
-    delta: dict[str, Any] = {
-        "text": out.text,
-        "token": token_dict(out.tokens[-1]) if out.tokens else None,
-        "top_tokens": [token_dict(t) for t in out.top_tokens[-1]] if out.top_tokens else None,
-        "finished": out.finished,
-    }
-    if out.finished:
-        delta.update(_final_fields(out))
-    return delta

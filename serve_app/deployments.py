@@ -23,16 +23,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
 from starlette.types import ASGIApp
 
+from models.resolve import resolve_model
 from serve_app.admin import AdminConfig
+from serve_app.admission_gate import DEFAULT_HOLD_S, AdmissionGate, GatedBackend
 from serve_app.autoscaling import engine_load_stats
-from serve_app.core import DEFAULT_STREAM_MESSAGES_PER_S, EngineRequest, ReplicaCore, engine_alive
-from serve_app.demo import resolve_model
+from serve_app.core import DEFAULT_STREAM_MESSAGES_PER_S, ReplicaCore
+from serve_app.engine_request import EngineRequest
 from serve_app.errors import ApiError
 from serve_app.handle_errors import HandleFailure, handle_failure, timeout_failure
 from serve_app.http_app import create_app
 from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
-from serve_app.router import STATS_ADAPTERS, STATS_LOAD
 from serve_app.settings import DEFAULT_REQUEST_TIMEOUT_S, engine_config_from_dict
+from serve_app.stats_keys import DEVICE_ADAPTERS, ENGINE_LOAD
 
 log = logging.getLogger("serve_app")
 
@@ -95,33 +97,29 @@ class ModelReplica:
 
     async def snapshot(self) -> dict[str, Any]:
         # Plus the device-resident adapters: tests and load reports check affinity routing with it.
-        return {**self.core.snapshot(), STATS_ADAPTERS: device_adapters(self.core.engine)}
+        stats = self.core.engine.stats()
+        return {**self.core.snapshot(stats), DEVICE_ADAPTERS: list(stats.adapters.device_adapters)}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's custom autoscaling metrics (serve_app/autoscaling.py): the engine's load over all
         adapters, KV usage and the oldest queued request's age. Serve calls this on the replica's
         loop every `metrics_interval_s`; Engine.stats() only takes the engine lock briefly."""
-        return engine_load_stats(self.core.engine.stats(), self.core.engine.oldest_waiting_age_s())
+        stats = self.core.engine.stats()
+        return engine_load_stats(stats.as_dict(), stats.oldest_waiting_age_s)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What AdapterAffinityRouter (serve_app/router.py) routes on: device-resident adapters + load."""
         stats = self.core.engine.stats()
-        return {STATS_ADAPTERS: device_adapters(self.core.engine),
-                STATS_LOAD: float(stats.get("num_running", 0)) + float(stats.get("num_waiting", 0))}
+        return {DEVICE_ADAPTERS: list(stats.adapters.device_adapters), ENGINE_LOAD: float(stats.load)}
 
     def check_health(self) -> None:
         """Serve's periodic health check: a dead step loop gets this replica restarted."""
-        if not engine_alive(self.core.engine):
+        if not self.core.engine.is_alive():
             raise RuntimeError("engine step loop is not running")
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.core.shutdown()
-
-
-def device_adapters(engine: Any) -> list[str]:
-    """Ids of the adapters in the engine's device slots (tier "device" in Engine.adapter_info())."""
-    return sorted(str(a["id"]) for a in engine.adapter_info() if a.get("tier") == "device")
 
 
 class HandleBackend:
@@ -168,7 +166,7 @@ class HandleBackend:
 
     def _handle_for(self, req: EngineRequest, stream: bool) -> DeploymentHandle:
         base = self.stream_handle if stream else self.handle
-        adapter = req.get("model")
+        adapter = req.get("adapter_id")
         if not self.tag_adapter or not adapter:
             return base
         key = (str(adapter), stream)
@@ -340,8 +338,9 @@ class Ingress:
 
     def __init__(self, model: DeploymentHandle, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  affinity_routing: bool = False, admin: AdminConfig | None = None,
-                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S) -> None:
-        self.backend = HandleBackend(model, tag_adapter=affinity_routing, request_timeout_s=request_timeout_s)
+                 request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, refusal_hold_s: float = DEFAULT_HOLD_S) -> None:
+        handle = HandleBackend(model, tag_adapter=affinity_routing, request_timeout_s=request_timeout_s)
+        self.backend = GatedBackend(handle, AdmissionGate(hold_s=refusal_hold_s))
         self.max_body_bytes = max_body_bytes
         self.admin = admin or AdminConfig()  # validated again here: enabled without a token refuses to start
 

@@ -1,4 +1,8 @@
-"""The HTTP API as a Starlette app over a `Backend`: TGI routes, OpenAI routes, health/info/metrics.
+"""The HTTP API as a Starlette app over a `Backend`: the routes, reading bodies, mapping errors.
+
+What each protocol's requests, answers and stream events look like is its own file's:
+serve_app/tgi.py (TGI's routes and `/info`), serve_app/openai_api.py and openai_responses.py
+(`/v1`), serve_app/admin.py (`/adapters`); the SSE loop they share is serve_app/streaming.py.
 
 Starlette rather than FastAPI: every route parses its own JSON so that errors come out in TGI's
 or OpenAI's exact shape and status (FastAPI's automatic validation answers 422 with its own
@@ -11,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -19,61 +23,18 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import EngineError
-from serve_app import openai_api, tgi
+from serve_app import openai_api, openai_responses, tgi
 from serve_app.admin import AdminApi, AdminConfig, admin_routes
 from serve_app.backends import Backend
-from serve_app.core import EngineRequest, check_prompt_size
-from serve_app.errors import (
-    ApiError,
-    ErrorInfo,
-    error_info,
-    openai_error,
-    openai_error_body,
-    sse,
-    tgi_error,
-    tgi_error_body,
-)
-from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard
-from serve_app.metrics import render_prometheus
+from serve_app.engine_request import EngineRequest, check_prompt_size
+from serve_app.errors import ApiError, ErrorInfo, error_info, openai_error, tgi_error
+from serve_app.http_counter import HttpCounter
+from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES, RequestGuard, error_response
+from serve_app.metrics_exposition import render_prometheus
+from serve_app.streaming import SSE_HEADERS, StreamEncoder, first_chunk, sse_stream
 from serve_app.validation import parse_json_body
-
-VERSION = "0.1.0"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-KNOWN_ROUTES = {
-    "/", "/generate", "/generate_stream", "/health", "/info", "/metrics", "/v1/completions",
-    "/v1/chat/completions", "/v1/models", "/admin/stats", "/adapters",
-}
-
-
-class HttpCounter:
-    """ASGI middleware counting responses by route and status code (for loraserve_http_requests_total)."""
-
-    def __init__(self, app: ASGIApp, counts: dict[tuple[str, str], int]) -> None:
-        self.app = app
-        self.counts = counts
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path, root = scope.get("path", ""), scope.get("root_path", "")
-        if root and path.startswith(root):  # mounted under a route prefix
-            path = path[len(root):] or "/"
-        route = path if path in KNOWN_ROUTES else "other"  # bounded label values
-        if path.startswith("/adapters/"):  # admin routes carry the adapter id: one label for them all
-            route = "/adapters/{id}"
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                key = (route, str(message["status"]))
-                self.counts[key] = self.counts.get(key, 0) + 1
-            await send(message)
-
-        await self.app(scope, receive, counting_send)
-
 
 # Bodies larger than this are parsed in a worker thread, so that the event loop keeps serving other
 # requests meanwhile (json.loads holds the GIL, but the loop gets it back every switch interval).
@@ -109,17 +70,15 @@ async def _read_json(request: Request) -> Any:
 INFO_RETRY_S = 5.0
 
 
-class _Api:
-    def __init__(self, backend: Backend, counts: dict[tuple[str, str], int], ingress_id: str,
-                 admin: AdminConfig) -> None:
-        self.backend = backend
-        self.ingress_id = ingress_id
-        self.counts = counts
-        self.admin_guard = AdminApi(backend, admin)  # /admin/stats answers only what the admin API would
-        self._info: dict[str, Any] | None = None
-        self._info_failed_at = -INFO_RETRY_S
+class ReplicaInfo:
+    """The model replicas' static info (model name, limits), fetched once, and the prompt check it allows."""
 
-    async def info_cached(self) -> dict[str, Any]:
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self._info: dict[str, Any] | None = None
+        self._failed_at = -INFO_RETRY_S
+
+    async def get(self) -> dict[str, Any]:
         # The static part (model name, limits) never changes for a deployment; cache it.
         if self._info is None:
             self._info = await self.backend.info()
@@ -128,28 +87,47 @@ class _Api:
     async def check_prompt_size(self, ereq: EngineRequest) -> None:
         """The replica's prompt limits, applied here too, so that an oversized prompt is refused
         before it crosses to a replica. The replica checks again (it is the authority)."""
-        if self._info is None and time.monotonic() - self._info_failed_at < INFO_RETRY_S:
+        if self._info is None and time.monotonic() - self._failed_at < INFO_RETRY_S:
             return  # the last lookup failed moments ago: do not make every request wait for another
         try:
-            info = await self.info_cached()
+            info = await self.get()
         except Exception:  # no replica answers now: the request itself will say so (503 within its timeout)
-            self._info_failed_at = time.monotonic()
+            self._failed_at = time.monotonic()
             return
         check_prompt_size(ereq, info.get("max_input_chars"), info.get("max_model_len"))
 
-    async def _first_chunk(
-        self, chunks: AsyncIterator[list[dict[str, Any]]], request_id: str
-    ) -> tuple[list[dict[str, Any]] | None, ErrorInfo | None]:
-        """Wait for the first chunk so that validation errors get a real status code, not an SSE event."""
+
+ErrorAnswer = Callable[[ErrorInfo], Response]
+
+
+class RouteHandlers:
+    """The route handlers of the HTTP API over one Backend (TGI, OpenAI, service and stats routes)."""
+
+    def __init__(self, backend: Backend, counts: dict[tuple[str, str], int], ingress_id: str,
+                 admin: AdminConfig) -> None:
+        self.backend = backend
+        self.ingress_id = ingress_id
+        self.counts = counts
+        self.admin_guard = AdminApi(backend, admin)  # /admin/stats answers only what the admin API would
+        self.replica_info = ReplicaInfo(backend)
+
+    async def _generate(self, ereq: EngineRequest, request_id: str) -> dict[str, Any]:
+        """A non-streamed request's final result, or {"error": ErrorInfo} (an exception turned into one)."""
         try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            return None, error_info(ApiError("the stream ended before the first token", kind="incomplete"))
+            return await self.backend.generate(ereq)
         except Exception as exc:
-            return None, error_info(exc, request_id)
-        if first and "error" in first[0]:
-            return None, first[0]["error"]
-        return first, None
+            return {"error": error_info(exc, request_id)}
+
+    async def _stream(self, ereq: EngineRequest, request_id: str, encoder: StreamEncoder, refuse: ErrorAnswer,
+                      headers: dict[str, str]) -> Response:
+        """An SSE response, started once the first chunk is in (an error before it: `refuse`'s status)."""
+        chunks = self.backend.stream(ereq)
+        first, err = await first_chunk(chunks, request_id)
+        if err is not None:
+            await chunks.aclose()
+            return refuse(err)
+        return StreamingResponse(sse_stream(encoder, first or [], chunks, request_id),
+                                 media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
 
     # ---- TGI ----------------------------------------------------------------------------------
     async def tgi(self, request: Request, stream: bool | None) -> Response:
@@ -159,66 +137,17 @@ class _Api:
         try:
             treq = tgi.parse_request(await _read_json(request), stream=stream)
             ereq = treq.engine_request(request_id, arrival)
-            await self.check_prompt_size(ereq)
+            await self.replica_info.check_prompt_size(ereq)
         except (ApiError, EngineError) as exc:
             return tgi_error(error_info(exc), headers)
-        if not treq.stream:
-            try:
-                result = await self.backend.generate(ereq)
-            except Exception as exc:
-                return tgi_error(error_info(exc, request_id), headers)
-            if "error" in result:
-                return tgi_error(result["error"], headers)
-            body: Any = tgi.generate_response(treq, result)
-            headers.update({
-                "x-prompt-tokens": str(result["prompt_tokens"]),
-                "x-generated-tokens": str(result["generated_tokens"]),
-                "x-total-time": str(int((time.time() - arrival) * 1000)),
-            })
-            # `POST /` answers a list, as TGI's compat route (the Inference API's format) does.
-            return JSONResponse([body] if stream is None else body, headers=headers)
-
-        chunks = self.backend.stream(ereq)
-        first, err = await self._first_chunk(chunks, request_id)
-        if err is not None:
-            await chunks.aclose()
-            return tgi_error(err, headers)
-
-        async def events() -> AsyncIterator[bytes]:
-            index = 0
-            finished = False
-            try:
-                pending = first or []
-                while True:
-                    # One write per chunk: every ASGI message costs a hop through Serve's proxy.
-                    out: list[bytes] = []
-                    for delta in pending:
-                        if "error" in delta:
-                            out.append(sse(tgi_error_body(delta["error"])))
-                            finished = True
-                            break
-                        index += 1
-                        out.append(sse(tgi.stream_event(treq, index, delta)))
-                        if delta["finished"]:
-                            finished = True
-                            break
-                    yield b"".join(out)
-                    if finished:
-                        return
-                    try:
-                        pending = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if not finished:
-                    yield sse(tgi_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
-            except Exception as exc:  # the replica went away mid-stream: tell the client in-band
-                yield sse(tgi_error_body(error_info(exc, request_id)))
-            finally:
-                # Also runs when the client disconnects (Starlette cancels this generator): closing
-                # the backend stream aborts the request in the engine and frees its KV blocks.
-                await chunks.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        if treq.stream:
+            return await self._stream(ereq, request_id, tgi.TgiStream(treq), lambda info: tgi_error(info, headers),
+                                      headers)
+        result = await self._generate(ereq, request_id)
+        if "error" in result:
+            return tgi_error(result["error"], headers)
+        headers.update(tgi.result_headers(result, arrival))
+        return JSONResponse(tgi.generate_body(treq, result), headers=headers)
 
     async def generate(self, request: Request) -> Response:
         return await self.tgi(request, stream=False)
@@ -238,84 +167,22 @@ class _Api:
             body = await _read_json(request)
             oreq = openai_api.parse_chat(body) if chat else openai_api.parse_completion(body)
             ereq = oreq.engine_request(request_id, arrival)
-            await self.check_prompt_size(ereq)
+            await self.replica_info.check_prompt_size(ereq)
         except (ApiError, EngineError) as exc:
             return openai_error(error_info(exc), prompt_field)
         try:
-            model_name = oreq.model or (await self.info_cached())["model_id"]
+            model_name = oreq.adapter_id or (await self.replica_info.get())["model_id"]
         except Exception as exc:
             return openai_error(error_info(exc, request_id), prompt_field)
-        if not oreq.stream:
-            try:
-                result = await self.backend.generate(ereq)
-            except Exception as exc:
-                return openai_error(error_info(exc, request_id), prompt_field)
-            if "error" in result:
-                return openai_error(result["error"], prompt_field)
-            make = openai_api.chat_response if chat else openai_api.completion_response
-            return JSONResponse(make(oreq, result, request_id, model_name), headers={"x-request-id": request_id})
-
-        chunks = self.backend.stream(ereq)
-        first, err = await self._first_chunk(chunks, request_id)
-        if err is not None:
-            await chunks.aclose()
-            return openai_error(err, prompt_field)
-        created = int(time.time())
-
-        async def events() -> AsyncIterator[bytes]:
-            try:
-                if chat:
-                    yield sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
-                                                    {"role": "assistant", "content": ""}, None, None))
-                elif oreq.echo and isinstance(oreq.prompt, str):
-                    yield sse(openai_api.completion_chunk(oreq, request_id, model_name, created, oreq.prompt,
-                                                          None, None))
-                pending = first or []
-                while True:
-                    out: list[bytes] = []  # one write per chunk, as above
-                    done = False
-                    for delta in pending:
-                        if "error" in delta:
-                            out += [sse(openai_error_body(delta["error"], prompt_field)), b"data: [DONE]\n\n"]
-                            done = True
-                            break
-                        reason = delta.get("finish_reason") if delta["finished"] else None
-                        if chat:
-                            if delta["text"] or oreq.logprobs is not None:
-                                out.append(sse(openai_api.chat_chunk(oreq, request_id, model_name, created,
-                                                                     {"content": delta["text"]}, delta, None)))
-                            if delta["finished"]:
-                                out.append(sse(openai_api.chat_chunk(oreq, request_id, model_name, created, {},
-                                                                     None, reason)))
-                        else:
-                            out.append(sse(openai_api.completion_chunk(oreq, request_id, model_name, created,
-                                                                       delta["text"], delta, reason)))
-                        if delta["finished"]:
-                            if oreq.include_usage:
-                                out.append(sse(openai_api.usage_chunk(oreq, request_id, model_name, created,
-                                                                      delta["prompt_tokens"],
-                                                                      delta["generated_tokens"])))
-                            out.append(b"data: [DONE]\n\n")
-                            done = True
-                            break
-                    if out:
-                        yield b"".join(out)
-                    if done:
-                        return
-                    try:
-                        pending = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                yield sse(openai_error_body(error_info(ApiError("incomplete generation", kind="incomplete"))))
-                yield b"data: [DONE]\n\n"
-            except Exception as exc:
-                yield sse(openai_error_body(error_info(exc, request_id), prompt_field))
-                yield b"data: [DONE]\n\n"
-            finally:
-                await chunks.aclose()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={**SSE_HEADERS, "x-request-id": request_id})
+        if oreq.stream:
+            encoder = openai_responses.OpenAIStream(oreq, request_id, model_name, prompt_field)
+            return await self._stream(ereq, request_id, encoder, lambda info: openai_error(info, prompt_field),
+                                      {"x-request-id": request_id})
+        result = await self._generate(ereq, request_id)
+        if "error" in result:
+            return openai_error(result["error"], prompt_field)
+        make = openai_responses.chat_response if chat else openai_responses.completion_response
+        return JSONResponse(make(oreq, result, request_id, model_name), headers={"x-request-id": request_id})
 
     async def completions(self, request: Request) -> Response:
         return await self.openai(request, chat=False)
@@ -328,14 +195,7 @@ class _Api:
             info = await self.backend.info()
         except Exception as exc:
             return openai_error(error_info(exc))
-        created = int(info.get("started", 0))
-        base = info["model_id"]
-        data = [{"id": base, "object": "model", "created": created, "owned_by": "loraserve", "root": base,
-                 "parent": None}]
-        # `root` is the adapter's id, not its source: sources are paths, shown on the admin API only.
-        data += [{"id": a["id"], "object": "model", "created": created, "owned_by": "loraserve",
-                  "root": a["id"], "parent": base} for a in info["adapters"]]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse(openai_responses.models_body(info))
 
     # ---- service routes -----------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -352,35 +212,7 @@ class _Api:
             info = await self.backend.info()
         except Exception as exc:
             return tgi_error(error_info(exc))
-        max_len = int(info["max_model_len"])
-        return JSONResponse({
-            "model_id": info["model_id"],
-            "model_sha": None,
-            "model_dtype": info["model_dtype"],
-            "model_device_type": info["model_device_type"],
-            "model_pipeline_tag": "text-generation",
-            "max_concurrent_requests": info["max_waiting"],
-            "max_best_of": 1,
-            "max_stop_sequences": info["max_stop_sequences"],
-            "max_input_tokens": max_len - 1,
-            "max_input_length": max_len - 1,
-            "max_input_chars": info["max_input_chars"],
-            "max_total_tokens": max_len,
-            "max_new_tokens": info["max_new_tokens_limit"],
-            "max_top_n_tokens": info["max_top_n_tokens"],
-            "max_batch_size": info["max_num_seqs"],
-            "max_batch_prefill_tokens": info["max_num_batched_tokens"],
-            "max_client_batch_size": 1,
-            "max_adapter_slots": info["max_adapter_slots"],
-            "max_lora_rank": info["max_lora_rank"],
-            "validation_workers": 0,
-            "router": "loraserve (Ray Serve)",
-            "version": VERSION,
-            "sha": None,
-            "docker_label": None,
-            "adapters": [{"id": a["id"], "base_model_mismatch": bool(a.get("base_model_mismatch", False))}
-                         for a in info["adapters"]],  # ids only: sources are the admin API's
-        })
+        return JSONResponse(tgi.info_body(info))
 
     async def metrics(self, request: Request) -> Response:
         try:
@@ -403,10 +235,7 @@ class _Api:
 def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def handler(request: Request, exc: Exception) -> Response:
         detail = f"{request.method} {request.url.path}: " + ("not found" if kind == "not_found" else "method not allowed")
-        info = ApiError(detail, kind=kind).info
-        if request.url.path.startswith("/v1/"):
-            return openai_error(info)
-        return tgi_error(info)
+        return error_response(request.scope, ApiError(detail, kind=kind).info)
 
     return handler
 
@@ -414,7 +243,7 @@ def _not_found_handler(kind: str) -> Callable[[Request, Exception], Awaitable[Re
 def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, ingress_id: str = "local",
                admin: AdminConfig | None = None) -> Starlette:
     counts: dict[tuple[str, str], int] = {}
-    api = _Api(backend, counts, ingress_id, admin or AdminConfig())
+    api = RouteHandlers(backend, counts, ingress_id, admin or AdminConfig())
     routes = [
         Route("/", api.compat, methods=["POST"]),
         Route("/generate", api.generate, methods=["POST"]),
@@ -432,7 +261,6 @@ def create_app(backend: Backend, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
         routes=routes,
         exception_handlers={404: _not_found_handler("not_found"), 405: _not_found_handler("method")},
     )
-    app.state.http_counts = counts
     app.add_middleware(RequestGuard, max_body_bytes=max_body_bytes)  # inside HttpCounter: its 413/500s count
-    app.add_middleware(HttpCounter, counts=counts)
+    app.add_middleware(HttpCounter, counts=counts, routes=[r.path for r in routes if "{" not in r.path])
     return app

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import uuid
 
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.admin import MAX_ADMIN_BODY
@@ -42,7 +43,7 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-def error_response(scope: Scope, info: ErrorInfo) -> ASGIApp:
+def error_response(scope: Scope, info: ErrorInfo) -> JSONResponse:
     """`info` in the shape of the route that was asked: OpenAI's under /v1, TGI's elsewhere."""
     return openai_error(info) if route_path(scope).startswith("/v1/") else tgi_error(info)
 

@@ -1,4 +1,6 @@
-"""OpenAI-compatible completions and chat completions: parsing, responses and stream chunks.
+"""OpenAI-compatible completions and chat completions: parsing requests into engine requests.
+
+The responses, stream chunks and `/v1/models` are serve_app/openai_responses.py's.
 
 `model` names the adapter (the base model's id, or no model, means the base model), as TGI's and
 vLLM's OpenAI routes do. Features that would change the output and are not implemented (n > 1,
@@ -8,13 +10,12 @@ JSON schema; serve_app/grammar_params.py) constrains the output on both routes, 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
-from serve_app.core import EngineRequest
+from engine import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
+from serve_app.engine_request import EngineRequest
 from serve_app.errors import ApiError
 from serve_app.grammar_params import response_format
 from serve_app.validation import (
@@ -50,7 +51,7 @@ MAX_TOKEN_ID = 2**31 - 1  # token ids are int32 on the replica; the vocabulary b
 @dataclass
 class OpenAIRequest:
     chat: bool
-    model: str | None
+    adapter_id: str | None  # `model`: an adapter id, the base model's name, or None
     stream: bool
     include_usage: bool
     prompt: str | list[int] | None = None
@@ -63,7 +64,7 @@ class OpenAIRequest:
     def engine_request(self, request_id: str, arrival: float) -> EngineRequest:
         req = EngineRequest(
             request_id=request_id,
-            model=self.model,
+            adapter_id=self.adapter_id,
             params=self.params,
             default_max_new_tokens=self.default_max_new_tokens,
             details=self.logprobs is not None,
@@ -81,7 +82,8 @@ def _unsupported(body: Mapping[str, Any], key: str, allowed: Sequence[Any] = (No
         raise ApiError(f"{key}: not supported by this server (got {shown(body.get(key))})", field=key)
 
 
-def _sampling(body: Mapping[str, Any], max_tokens: int | None) -> dict[str, Any]:
+def _sampling(body: Mapping[str, Any], max_tokens: int | None, top_n_tokens: int) -> dict[str, Any]:
+    """The SamplingParams fields of both routes (`response_format` included)."""
     temperature = get_float(body, "temperature")
     check_range("temperature", temperature, 0.0, 2.0)
     top_p = get_float(body, "top_p")
@@ -115,6 +117,8 @@ def _sampling(body: Mapping[str, Any], max_tokens: int | None) -> dict[str, Any]
         "seed": get_int(body, "seed", minimum=0, maximum=2**64 - 1),
         "stop": get_stop(body, "stop", MAX_STOP_SEQUENCES),
         "include_stop_str_in_output": False,  # OpenAI cuts the stop sequence
+        "top_n_tokens": top_n_tokens,
+        "grammar": response_format(body.get("response_format")),
     }
 
 
@@ -163,11 +167,9 @@ def parse_completion(body: Any) -> OpenAIRequest:
         raise ApiError("echo: echo together with logprobs (prompt logprobs) is not supported", field="echo")
     max_tokens = get_int(body, "max_tokens", minimum=1)
     stream, include_usage = _stream_flags(body)
-    params = _sampling(body, max_tokens)
-    params["top_n_tokens"] = logprobs or 0
-    params["grammar"] = response_format(body.get("response_format"))
+    params = _sampling(body, max_tokens, logprobs or 0)
     return OpenAIRequest(
-        chat=False, model=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
+        chat=False, adapter_id=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
         prompt=prompt, echo=echo, logprobs=logprobs, default_max_new_tokens=DEFAULT_COMPLETION_MAX_TOKENS,
         params=params,
     )
@@ -217,102 +219,8 @@ def parse_chat(body: Any) -> OpenAIRequest:
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", minimum=1)
     stream, include_usage = _stream_flags(body)
-    params = _sampling(body, max_tokens)
-    params["top_n_tokens"] = top_logprobs or 0
-    params["grammar"] = response_format(body.get("response_format"))
+    params = _sampling(body, max_tokens, top_logprobs or 0)
     return OpenAIRequest(
-        chat=True, model=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
+        chat=True, adapter_id=get_adapter_id(body, "model"), stream=stream, include_usage=include_usage,
         messages=parsed, logprobs=(top_logprobs or 0) if want_logprobs else None, params=params,
     )
-
-
-# ---- responses ----------------------------------------------------------------------------------
-def finish_reason(reason: str | None) -> str | None:
-    if reason is None:
-        return None
-    return "length" if reason == "length" else "stop"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _chat_logprob(token: Mapping[str, Any], top: Sequence[Mapping[str, Any]] | None) -> dict[str, Any]:
-    def one(t: Mapping[str, Any]) -> dict[str, Any]:
-        return {"token": t["text"], "logprob": t["logprob"], "bytes": list(t["text"].encode())}
-
-    out = one(token)
-    out["top_logprobs"] = [one(t) for t in (top or [])]
-    return out
-
-
-def chat_logprobs(tokens: Sequence[Mapping[str, Any]], tops: Sequence[Sequence[Mapping[str, Any]]]) -> dict[str, Any]:
-    return {"content": [_chat_logprob(t, tops[i] if i < len(tops) else None) for i, t in enumerate(tokens)]}
-
-
-def completion_logprobs(tokens: Sequence[Mapping[str, Any]], tops: Sequence[Sequence[Mapping[str, Any]]],
-                        offset: int = 0) -> dict[str, Any]:
-    offsets: list[int] = []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(t["text"])
-    return {
-        "tokens": [t["text"] for t in tokens],
-        "token_logprobs": [t["logprob"] for t in tokens],
-        "top_logprobs": [{a["text"]: a["logprob"] for a in tops[i]} if i < len(tops) else None
-                         for i in range(len(tokens))] if tops else None,
-        "text_offset": offsets,
-    }
-
-
-def completion_response(req: OpenAIRequest, result: Mapping[str, Any], request_id: str, model: str) -> dict[str, Any]:
-    text = result["generated_text"]
-    if req.echo and isinstance(req.prompt, str):
-        text = req.prompt + text
-    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None,
-                              "finish_reason": finish_reason(result["finish_reason"])}
-    if req.logprobs is not None:
-        choice["logprobs"] = completion_logprobs(result.get("tokens", []), result.get("top_tokens", []))
-    return {
-        "id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [choice], "usage": usage(result["prompt_tokens"], result["generated_tokens"]),
-    }
-
-
-def chat_response(req: OpenAIRequest, result: Mapping[str, Any], request_id: str, model: str) -> dict[str, Any]:
-    choice: dict[str, Any] = {
-        "index": 0, "message": {"role": "assistant", "content": result["generated_text"]}, "logprobs": None,
-        "finish_reason": finish_reason(result["finish_reason"]),
-    }
-    if req.logprobs is not None:
-        choice["logprobs"] = chat_logprobs(result.get("tokens", []), result.get("top_tokens", []))
-    return {
-        "id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [choice], "usage": usage(result["prompt_tokens"], result["generated_tokens"]),
-    }
-
-
-def completion_chunk(req: OpenAIRequest, request_id: str, model: str, created: int, text: str,
-                     delta: Mapping[str, Any] | None, reason: str | None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(reason)}
-    if req.logprobs is not None and delta is not None and delta.get("token"):
-        choice["logprobs"] = completion_logprobs([delta["token"]], [delta.get("top_tokens") or []])
-    return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model,
-            "choices": [choice]}
-
-
-def chat_chunk(req: OpenAIRequest, request_id: str, model: str, created: int, content: dict[str, Any],
-               delta: Mapping[str, Any] | None, reason: str | None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason(reason)}
-    if req.logprobs is not None and delta is not None and delta.get("token"):
-        choice["logprobs"] = chat_logprobs([delta["token"]], [delta.get("top_tokens") or []])
-    return {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [choice]}
-
-
-def usage_chunk(req: OpenAIRequest, request_id: str, model: str, created: int, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
-    prefix, obj = ("chatcmpl", "chat.completion.chunk") if req.chat else ("cmpl", "text_completion")
-    return {"id": f"{prefix}-{request_id}", "object": obj, "created": created, "model": model, "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}

@@ -44,9 +44,7 @@ from ray.serve._private.request_router.common import PendingRequest
 from ray.serve._private.request_router.replica_wrapper import RunningReplica
 from ray.serve._private.request_router.request_router import FIFOMixin, RequestRouter
 
-# Keys of the dict a ModelReplica returns from record_routing_stats.
-STATS_ADAPTERS = "device_adapters"  # adapter ids resident in device slots
-STATS_LOAD = "engine_load"  # running + waiting sequences in the engine
+from serve_app.stats_keys import DEVICE_ADAPTERS, ENGINE_LOAD
 
 DEFAULT_IMBALANCE_THRESHOLD = 8.0
 DEFAULT_RECENT_ROUTE_TTL_S = 5.0
@@ -101,8 +99,8 @@ def replica_view(replica_id: str, routing_stats: Mapping[str, Any] | None, queue
     engine's own load is the fallback for a replica the cache knows nothing about yet.
     """
     stats = routing_stats or {}
-    adapters = frozenset(str(a) for a in stats.get(STATS_ADAPTERS, ()) or ())
-    load = float(queue_len) if queue_len is not None else float(stats.get(STATS_LOAD, 0.0) or 0.0)
+    adapters = frozenset(str(a) for a in stats.get(DEVICE_ADAPTERS, ()) or ())
+    load = float(queue_len) if queue_len is not None else float(stats.get(ENGINE_LOAD, 0.0) or 0.0)
     return ReplicaView(replica_id, load, adapters)
 
 

@@ -4,8 +4,8 @@ Every key is checked: an unknown key is an error that lists the known ones, so a
 config.yaml fails at deploy time instead of silently running with a default; a value of the wrong
 type (`max_num_seqs: "many"`, `preload_adapters: "no"`) is an error naming the key.
 
-Engine keys are the fields of `engine.config.EngineConfig` (everything but `model`, `adapters` and
-`extra`; see `ENGINE_KEYS`), with the engine's own defaults and meanings (engine/config.py documents
+Engine keys are the fields of `engine.EngineConfig` (everything but `model` and `adapters`; see
+`ENGINE_KEYS`), with the engine's own defaults and meanings (engine/config.py documents
 each). An omitted key, or `null`, keeps the engine's default, except where the engine accepts None
 as a value of its own: `max_queue_wait_s: null` turns that deadline off. The engine's
 `request_timeout_s` is spelled `engine_request_timeout_s` here, because `request_timeout_s` is the
@@ -18,6 +18,7 @@ ingress's (below).
 | adapters | "" | `id=path,id2=path2` (TGI's LORA_ADAPTERS), a list, or `{id: path}`; LORA_ADAPTERS fills an empty one |
 | revision, dtype, device, seed, load_format, hub_cache_dir | engine | the base model and where it runs |
 | block_size, num_kv_blocks, kv_cache_bytes, max_model_len | engine | the paged KV cache, per replica |
+| enable_prefix_caching | true | reuse the K/V of full blocks of a prompt prefix already computed by the same adapter identity |
 | max_num_seqs, max_num_batched_tokens, max_new_tokens_limit | engine | batching: seats and the per-step token budget |
 | max_waiting | 1024 | waiting requests per replica (all adapters); beyond it (and its slack): 429 |
 | **scheduling_policy** | fair | `fair` (token-fair across adapters, S-LoRA's VTC) or `round_robin` |
@@ -38,6 +39,7 @@ ingress's (below).
 | stream_messages_per_s | 50 | streamed chunks/s per replica, all streams together (0: one per token) |
 | max_body_bytes, max_input_chars | 2000000, max_model_len x 8 | request size limits (413 / 422) |
 | request_timeout_s | 60 | the ingress's longest wait for a model replica (below) |
+| refusal_hold_s | 0.25 | after a replica refuses an adapter (429), the ingress answers its next requests itself this long, or until one of them ends (serve_app/admission_gate.py; 0: off) |
 | admin_enabled, admin_token | false, LORASERVE_ADMIN_TOKEN | the adapter admin API (serve_app/admin.py) |
 | route_prefix, adapters_from_env | /, true | where the launcher mounts the app; whether LORA_ADAPTERS applies |
 
@@ -62,15 +64,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from engine.config import DTYPES, AdapterSpec, EngineConfig, parse_adapter_weights
+from engine import DTYPES, AdapterSpec, EngineConfig, parse_adapter_weights
 from serve_app.admin import AdminConfig, resolve_admin_token
+from serve_app.admission_gate import DEFAULT_HOLD_S
 from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0  # `request_timeout_s`: see the module docstring
 
 # Engine fields that are not operator knobs of the app: the model and adapters are app keys of their
-# own (resolved by serve_app/demo.py), `extra` is free-form engine-internal data.
-_NOT_ENGINE_KEYS = frozenset({"model", "adapters", "extra"})
+# own (resolved by models/resolve.py).
+_NOT_ENGINE_KEYS = frozenset({"model", "adapters"})
 # Engine fields whose app key differs, because the plain name is an app key with another meaning.
 ENGINE_FIELD_KEYS: dict[str, str] = {"request_timeout_s": "engine_request_timeout_s"}
 _ENGINE_HINTS = get_type_hints(EngineConfig)
@@ -215,6 +218,9 @@ class AppSettings:
     # None: max_model_len x 8 (serve_app/core.py CHARS_PER_TOKEN_BOUND). Shown in /info.
     max_input_chars: int | None = None
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S  # the longest wait for a model replica
+    # After an adapter-scoped 429 from a replica, the ingress answers that adapter's requests itself for
+    # up to this long (serve_app/admission_gate.py): the flood's refusals stop costing the replica.
+    refusal_hold_s: float = DEFAULT_HOLD_S
     # Adapter admin API (serve_app/admin.py): off by default; on, it needs a bearer token, from
     # `admin_token` or LORASERVE_ADMIN_TOKEN (resolved in from_args: enabled without one fails the deploy).
     admin_enabled: bool = False
@@ -223,10 +229,6 @@ class AppSettings:
     @property
     def device(self) -> str:
         return str(self.engine.get("device", "cpu"))
-
-    @property
-    def dtype(self) -> str:
-        return str(self.engine.get("dtype", "float32"))
 
     @staticmethod
     def from_args(args: Mapping[str, Any] | None, env: Mapping[str, str] | None = None) -> AppSettings:
@@ -271,6 +273,9 @@ class AppSettings:
         timeout = kwargs.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
             raise ValueError(f"request_timeout_s must be a positive number of seconds, got {timeout!r}")
+        hold = kwargs.get("refusal_hold_s", DEFAULT_HOLD_S)
+        if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= 60:
+            raise ValueError(f"refusal_hold_s must be a number of seconds in [0, 60], got {hold!r}")
         settings = AppSettings(adapters=parse_adapters(adapters_value), engine=engine, **kwargs)
         # Fail here, in the builder, rather than in every replica's constructor.
         try:

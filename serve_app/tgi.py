@@ -1,4 +1,5 @@
-"""TGI's text-generation API: request parsing into engine requests, responses in TGI's schema.
+"""TGI's text-generation API end to end: request parsing into engine requests, responses, stream
+events and `/info`, in TGI's schema (the routes that serve them are serve_app/http_app.py's).
 
 Follows text-generation-inference's router (validation rules, `details`, stream events) closely
 enough that `huggingface_hub.InferenceClient.text_generation` works against it unmodified.
@@ -6,14 +7,16 @@ enough that `huggingface_hub.InferenceClient.text_generation` works against it u
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.sampling_params import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
-from serve_app.core import EngineRequest
-from serve_app.errors import ApiError
+from engine import MAX_STOP_SEQUENCES, MAX_TOP_N_TOKENS
+from serve_app.engine_request import EngineRequest
+from serve_app.errors import ApiError, ErrorInfo, tgi_error_body
 from serve_app.grammar_params import tgi_grammar
+from serve_app.streaming import sse
 from serve_app.validation import (
     check_range,
     get_adapter_id,
@@ -25,6 +28,7 @@ from serve_app.validation import (
     require_object,
 )
 
+VERSION = "0.1.0"  # of this server, in /info
 # TGI 1.x's default; TGI 2 fills the context instead, which on a random demo model means long waits.
 DEFAULT_MAX_NEW_TOKENS = 100
 
@@ -47,11 +51,12 @@ class TgiRequest:
     top_n_tokens: int
     truncate: int | None
     params: dict[str, Any] = field(default_factory=dict)
+    compat: bool = False  # `POST /`, which answers a list (the Inference API's format), as TGI's compat route
 
     def engine_request(self, request_id: str, arrival: float) -> EngineRequest:
         return EngineRequest(
             request_id=request_id,
-            model=self.adapter_id,
+            adapter_id=self.adapter_id,
             prompt=self.inputs,
             params=self.params,
             default_max_new_tokens=DEFAULT_MAX_NEW_TOKENS,
@@ -147,6 +152,7 @@ def parse_request(body: Any, *, stream: bool | None) -> TgiRequest:
         top_n_tokens=top_n_tokens,
         truncate=truncate,
         params=params,
+        compat=stream is None,
     )
 
 
@@ -172,6 +178,21 @@ def generate_response(req: TgiRequest, result: Mapping[str, Any]) -> dict[str, A
             details["top_tokens"] = list(result.get("top_tokens", []))
         out["details"] = details
     return out
+
+
+def generate_body(req: TgiRequest, result: Mapping[str, Any]) -> Any:
+    """The body of a non-streamed answer: a GenerateResponse, in a list on the compat route."""
+    body = generate_response(req, result)
+    return [body] if req.compat else body
+
+
+def result_headers(result: Mapping[str, Any], arrival: float) -> dict[str, str]:
+    """TGI's x-prompt-tokens / x-generated-tokens / x-total-time (milliseconds since arrival) headers."""
+    return {
+        "x-prompt-tokens": str(result["prompt_tokens"]),
+        "x-generated-tokens": str(result["generated_tokens"]),
+        "x-total-time": str(int((time.time() - arrival) * 1000)),
+    }
 
 
 def stream_event(req: TgiRequest, index: int, delta: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,3 +222,55 @@ def stream_event(req: TgiRequest, index: int, delta: Mapping[str, Any]) -> dict[
         event["generated_text"] = None
         event["details"] = None
     return event
+
+
+class TgiStream:
+    """The StreamEncoder (serve_app/streaming.py) of `/generate_stream`: one StreamResponse per token,
+    an error event ({"error", "error_type"}) when the generation fails."""
+
+    def __init__(self, req: TgiRequest) -> None:
+        self.req = req
+        self.index = 0
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def delta(self, delta: dict[str, Any]) -> list[bytes]:
+        self.index += 1
+        return [sse(stream_event(self.req, self.index, delta))]
+
+    def error(self, info: ErrorInfo) -> list[bytes]:
+        return [sse(tgi_error_body(info))]
+
+
+def info_body(info: Mapping[str, Any]) -> dict[str, Any]:
+    """TGI's `GET /info` from a replica's info (serve_app/core.py `ReplicaCore.info`)."""
+    max_len = int(info["max_model_len"])
+    return {
+        "model_id": info["model_id"],
+        "model_sha": None,
+        "model_dtype": info["model_dtype"],
+        "model_device_type": info["model_device_type"],
+        "model_pipeline_tag": "text-generation",
+        "max_concurrent_requests": info["max_waiting"],
+        "max_best_of": 1,
+        "max_stop_sequences": info["max_stop_sequences"],
+        "max_input_tokens": max_len - 1,
+        "max_input_length": max_len - 1,
+        "max_input_chars": info["max_input_chars"],
+        "max_total_tokens": max_len,
+        "max_new_tokens": info["max_new_tokens_limit"],
+        "max_top_n_tokens": info["max_top_n_tokens"],
+        "max_batch_size": info["max_num_seqs"],
+        "max_batch_prefill_tokens": info["max_num_batched_tokens"],
+        "max_client_batch_size": 1,
+        "max_adapter_slots": info["max_adapter_slots"],
+        "max_lora_rank": info["max_lora_rank"],
+        "validation_workers": 0,
+        "router": "loraserve (Ray Serve)",
+        "version": VERSION,
+        "sha": None,
+        "docker_label": None,
+        "adapters": [{"id": a["id"], "base_model_mismatch": bool(a.get("base_model_mismatch", False))}
+                     for a in info["adapters"]],  # ids only: sources are the admin API's
+    }

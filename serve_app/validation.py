@@ -14,9 +14,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from serve_app.admin import ADAPTER_ID
 from serve_app.errors import ApiError
 
+_ADAPTER_ID = re.compile(r"^\S{1,256}$")
 MAX_JSON_DEPTH = 32  # request bodies of this API nest 4 levels; 32 leaves room for any extension
 INT_LIMIT = 2**64 - 1  # no integer field of this API is larger (seed is a u64, as in TGI)
 MAX_STOP_CHARS = 512  # per stop sequence: the detokenizer scans this much text on every token
@@ -222,13 +222,18 @@ def get_stop(obj: Mapping[str, Any], key: str, max_count: int, *, allow_str: boo
     return list(value)
 
 
+def is_adapter_id(value: str) -> bool:
+    """The one rule for adapter ids, in requests and on the admin API: 1 to 256 printable characters
+    without whitespace, so that an id is safe in a log line, a URL and a metric label."""
+    return bool(_ADAPTER_ID.match(value)) and value.isprintable()
+
+
 def get_adapter_id(obj: Mapping[str, Any], key: str) -> str | None:
-    """An adapter id (TGI `adapter_id`, OpenAI `model`): the admin API's id rule (bounded, no
-    whitespace) and printable, so that an id is safe in a log line, a URL and a metric label."""
+    """An adapter id (TGI `adapter_id`, OpenAI `model`), or None for none (the base model)."""
     value = get_str(obj, key)
     if value is None or value == "":
         return None
-    if not ADAPTER_ID.match(value) or not value.isprintable():
+    if not is_adapter_id(value):
         raise ApiError(f"{key}: must be an adapter id of 1 to 256 printable characters without whitespace, got "
                        f"{shown(value)} ({len(value)} characters); GET /v1/models lists them", field=key)
     return value

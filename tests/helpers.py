@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from engine import AdapterSpec, Engine, EngineConfig, SamplingParams
-from engine.synthetic import build_adapter, build_model
+from models.synthetic import build_adapter, build_model
 
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "serving", "many", "adapters", "batch", "cache", "block", "token", "model", "paged", "attention", "decode", "prefill", "queue", "ray", "serve", "base", "rank", "alpha", "scale"]
 
@@ -72,12 +72,13 @@ def random_prompts(n: int, seed: int, min_words: int = 2, max_words: int = 30) -
 class PeftOracle:
     """transformers + PEFT on the same weights: greedy reference tokens, one request at a time."""
 
-    def __init__(self, fam: TinyFamily) -> None:
+    def __init__(self, fam: TinyFamily, device: str = "cpu") -> None:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(str(fam.base))
-        base = AutoModelForCausalLM.from_pretrained(str(fam.base), dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(str(fam.base), dtype=torch.float32).to(device)
         # Never stop at EOS: the engine side runs with ignore_eos (min_new_tokens would instead
         # forbid EOS and change the argmax).
         base.generation_config.eos_token_id = None
@@ -92,7 +93,7 @@ class PeftOracle:
     def greedy(self, prompt: str, adapter: str | None, max_new_tokens: int) -> list[int]:
         key = (adapter, prompt, max_new_tokens)
         if key not in self._cache:
-            enc = self.tokenizer(prompt, return_tensors="pt")
+            enc = self.tokenizer(prompt, return_tensors="pt").to(self.device)
             ids = enc.input_ids
             # An explicit mask: without it transformers masks every pad-token id in the prompt, and
             # some tokenizers (SmolLM2: <|im_end|>) use a token that real prompts contain as pad.

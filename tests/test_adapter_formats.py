@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 from engine import AdapterLoadError, AdapterSpec, Engine, EngineConfig
 from engine.adapters import LoraAdapter, load_peft_adapter
 from engine.model_arch import ModelArch
-from engine.synthetic import build_model
+from models.synthetic import build_model
 from tests.helpers import PeftOracle, TinyFamily, random_prompts, run_requests
 
 BIN = "adapter_model.bin"
@@ -226,7 +226,7 @@ def test_engine_refuses_a_malicious_bin_and_keeps_serving(saved: dict[str, Path]
         with pytest.raises(AdapterLoadError, match=r"nothing in it was run"):  # dynamic load, background path
             asyncio.run(run_requests(engine, [("x y", str(evil))], 2))
         assert asyncio.run(run_requests(engine, [("x y", "good")], 2))[0]  # the next good request is served
-        assert not {"evil", str(evil)} & set(engine.adapter_ids()) and not marker.exists()
+        assert not {"evil", str(evil)} & set([a["id"] for a in engine.adapter_info()]) and not marker.exists()
     finally:
         engine.shutdown()
 

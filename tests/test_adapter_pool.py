@@ -19,7 +19,7 @@ from engine import AdapterLoadError, AdapterSpec, SamplingParams, UnknownAdapter
 from engine.adapter_pool import AdapterPool
 from engine.errors import AdapterBusyError
 from engine.model_arch import ModelArch
-from engine.synthetic import build_adapter, build_model
+from models.synthetic import build_adapter, build_model
 from tests.helpers import TinyFamily, make_engine, random_prompts, run_requests
 
 
@@ -192,8 +192,8 @@ def test_four_slots_twelve_adapters_match_each_alone(twelve: TinyFamily) -> None
     try:
         mixed = asyncio.run(run_requests(engine, requests, 10, stagger_s=0.002))
         assert mixed == alone
-        stats = engine.stats()["adapters"]
-        assert stats["device_evictions"] > 0 and stats["adapters_device"] <= 4
+        stats = engine.stats().adapters
+        assert stats.device_evictions > 0 and stats.adapters_device <= 4
         engine.check_idle_invariants()
     finally:
         engine.shutdown()
@@ -205,7 +205,7 @@ def test_cold_adapter_read_once_for_twenty_requests(twelve: TinyFamily) -> None:
         outs = asyncio.run(run_requests(engine, [("cold start", "t5")] * 20, 4))
         assert len({tuple(o) for o in outs}) == 1
         assert engine.pool.records["t5"].source_reads == 1
-        assert engine.stats()["adapters"]["source_loads"] == 1
+        assert engine.stats().adapters.source_loads == 1
         engine.check_idle_invariants()
     finally:
         engine.shutdown()
@@ -277,7 +277,7 @@ def test_unload_refused_while_in_use_and_reload(twelve: TinyFamily) -> None:
     try:
         asyncio.run(scenario())
         for _ in range(100):
-            if not engine.stats()["num_running"]:
+            if not engine.stats().num_running:
                 break
             asyncio.run(asyncio.sleep(0.02))
         before = asyncio.run(engine.complete("again", SamplingParams(max_new_tokens=6, ignore_eos=True), "t1")).token_ids

@@ -22,11 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import engine.adapter_pool as adapter_pool
+import engine.adapter_reader as adapter_reader
 from engine import AdapterLoadError, AdapterSpec, Engine, EngineConfig, SamplingParams
 from engine.adapter_source import check_source
 from engine.peft_patterns import matches_key
-from engine.synthetic import build_adapter, build_model
+from models.synthetic import build_adapter, build_model
 
 GOOD = "good"
 PARAMS = SamplingParams(max_new_tokens=3, ignore_eos=True)
@@ -292,7 +292,7 @@ def test_file_symlinked_out_of_the_root_is_refused_at_read(rooted: tuple[Engine,
     engine.pool.check_source(str(sneaky))  # the directory itself passes the source check ...
     with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors resolves outside the allowed root"):
         engine.load_adapter(AdapterSpec("sneaky", str(sneaky)))  # ... its file does not, when read
-    assert "sneaky" not in engine.adapter_ids()
+    assert "sneaky" not in [a["id"] for a in engine.adapter_info()]
     # The same through dynamic loading (a request naming the directory).
     with pytest.raises(AdapterLoadError, match="resolves outside the allowed root"):
         asyncio.run(engine.complete("x y", PARAMS, str(sneaky)))
@@ -392,7 +392,7 @@ def test_hub_repo_with_only_adapter_model_bin_loads(
     blob = os.readlink(bin_link)
     bin_link.unlink()  # not downloaded yet
     fetched: list[Any] = []
-    real = adapter_pool.resolve_local_dir
+    real = adapter_reader.resolve_local_dir
 
     def fake_hub(ref: str, revision: str | None = None, cache_dir: str | None = None,
                  allow_patterns: list[str] | None = None) -> Path:
@@ -401,7 +401,7 @@ def test_hub_repo_with_only_adapter_model_bin_loads(
             bin_link.symlink_to(blob)  # what the download of that pattern would add
         return real(ref, revision, cache_dir, allow_patterns)
 
-    monkeypatch.setattr(adapter_pool, "resolve_local_dir", fake_hub)
+    monkeypatch.setattr(adapter_reader, "resolve_local_dir", fake_hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     engine = Engine(EngineConfig(model=str(small["base"]), hub_cache_dir=str(cache), max_lora_rank=16,
                                  num_kv_blocks=32, adapters=(AdapterSpec("old", "tiny-org/old-lora"),
@@ -411,7 +411,7 @@ def test_hub_repo_with_only_adapter_model_bin_loads(
                 == asyncio.run(engine.complete("hello hub", PARAMS, GOOD)).token_ids)  # the same weights
         # Asked for safetensors first; then for the .bin alone, pinned to the commit the first call found.
         assert [call for call in fetched if call[0] == "tiny-org/old-lora"] == [
-            ("tiny-org/old-lora", None, adapter_pool.ADAPTER_FILE_PATTERNS),
+            ("tiny-org/old-lora", None, adapter_reader.ADAPTER_FILE_PATTERNS),
             ("tiny-org/old-lora", "a" * 40, ["adapter_model.bin"]),
         ]
     finally:
@@ -430,7 +430,7 @@ def test_base_model_mismatch_is_reported_not_refused(small: dict[str, Path], tmp
         AdapterSpec(GOOD, str(small["good"])), AdapterSpec("other", str(other)), AdapterSpec("hub-style", str(hub_style)),
     )), "validation")
     try:
-        described = {a["id"]: a for a in core.engine.pool.describe()}
+        described = {a["id"]: a for a in core.engine.adapter_info()}
         assert described["other"]["base_model_mismatch"] is True
         assert described["other"]["base_model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
         assert described[GOOD]["base_model_mismatch"] is False
@@ -451,14 +451,14 @@ def test_hung_loads_time_out_and_do_not_starve_other_loads(
     small: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real = adapter_pool.resolve_local_dir
+    real = adapter_reader.resolve_local_dir
 
     def stalled_hub(ref: str, *args: Any, **kwargs: Any) -> Path:
         if ref.startswith("stalled-org/"):  # a Hub download that never progresses
             release.wait(60)
         return real(ref, *args, **kwargs)
 
-    monkeypatch.setattr(adapter_pool, "resolve_local_dir", stalled_hub)
+    monkeypatch.setattr(adapter_reader, "resolve_local_dir", stalled_hub)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # once released, the abandoned loads end at once
     cold = [AdapterSpec(f"cold-{i}", str(small["good"])) for i in range(2)]
     engine = Engine(EngineConfig(model=str(small["base"]), max_lora_rank=16, num_kv_blocks=32,
@@ -483,8 +483,8 @@ def test_hung_loads_time_out_and_do_not_starve_other_loads(
         # A synchronous (admin) load of a hung source is bounded the same way.
         with pytest.raises(AdapterLoadError, match=r"load timed out after 0.5 s"):
             engine.load_adapter(AdapterSpec("sync", "stalled-org/sync"))
-        assert "stalled-org/lora-0" not in engine.adapter_ids() and "sync" not in engine.adapter_ids()
-        assert engine.stats()["adapters"]["load_failures"] >= 3
+        assert "stalled-org/lora-0" not in [a["id"] for a in engine.adapter_info()] and "sync" not in [a["id"] for a in engine.adapter_info()]
+        assert engine.stats().adapters.load_failures >= 3
     finally:
         release.set()
         engine.shutdown()
@@ -496,9 +496,10 @@ def test_bundled_zoo_showcase_and_demo_adapters_all_load(tmp_path: Path) -> None
 
     from engine.adapter_config import base_model_mismatch, served_base_names
     from engine.adapters import load_peft_adapter
-    from engine.gguf_convert import HF_ID, MODEL_NAME
     from engine.model_arch import ModelArch
-    from serve_app.demo import SHOWCASE_ADAPTERS_DIR, ZOO_DIR, adapter_dirs, build_demo, demo_adapter_specs
+    from models.demo import build_demo, demo_adapter_specs
+    from models.gguf_convert import HF_ID, MODEL_NAME
+    from models.resolve import SHOWCASE_ADAPTERS_DIR, ZOO_DIR, adapter_dirs
 
     # SmolLM2-135M's shapes (its converted weights are not needed to validate adapters against them).
     smollm2 = ModelArch.from_hf_config(LlamaConfig(

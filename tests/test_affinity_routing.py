@@ -13,14 +13,13 @@ from collections import Counter
 import pytest
 
 from serve_app.router import (
-    STATS_ADAPTERS,
-    STATS_LOAD,
     RecentRoutes,
     ReplicaView,
     rank_replicas,
     replica_view,
     with_recent_routes,
 )
+from serve_app.stats_keys import DEVICE_ADAPTERS, ENGINE_LOAD
 
 
 def views(*specs: tuple[str, float, set[str]]) -> list[ReplicaView]:
@@ -67,7 +66,7 @@ def test_edge_cases() -> None:
 
 
 def test_replica_view_prefers_fresh_queue_length() -> None:
-    stats = {STATS_ADAPTERS: ["x", "y"], STATS_LOAD: 7.0}
+    stats = {DEVICE_ADAPTERS: ["x", "y"], ENGINE_LOAD: 7.0}
     assert replica_view("r", stats, 2) == ReplicaView("r", 2.0, frozenset({"x", "y"}))
     assert replica_view("r", stats, None).load == 7.0  # no queue-length info yet: the engine's load
     assert replica_view("r", None, None) == ReplicaView("r", 0.0, frozenset())  # no stats reported yet

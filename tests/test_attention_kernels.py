@@ -8,48 +8,34 @@ blocks that unused table entries point to), so isolation is checked by every com
 
 from __future__ import annotations
 
-import os
-
-import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib
 import inspect
 import random
-import subprocess
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+from engine.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSpan, padded_kv_slots
+from engine.attention import paged_attention as engine_paged_attention
+from kernels import attention_reference as reference
+from tests.kernel_helpers import (  # sets TRITON_INTERPRET (no GPU) before triton is imported
+    COMPILE_OR_SKIP,
+    DEVICE,
+    DTYPES,
+    compile_for_sm90,
+    cuda_sync_trap,
+    dtype_id,
+    load_kernels,
+    no_host_sync,
+)
+from tests.kernel_helpers import assert_close as _assert_close
 
 triton = pytest.importorskip("triton")
 
-from engine.attention import AttentionBatch, DecodeGroup, KVCache, PrefillSpan, padded_kv_slots  # noqa: E402
-from engine.attention import paged_attention as engine_paged_attention  # noqa: E402
-from kernels import attention_reference as reference  # noqa: E402
+tl_attn = load_kernels("kernels.triton_attention", "_paged_decode_kernel")
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _load_triton_attention() -> Any:
-    module = importlib.import_module("kernels.triton_attention")
-    # If another test module imported it before the interpreter flag was set, the kernels were
-    # decorated for a GPU that is not there; re-decorating them is all that is needed.
-    if INTERPRETED and type(module._paged_decode_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)
-    return module
-
-
-tl_attn = _load_triton_attention()
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) against the reference on the same (already rounded) inputs: what is left is the order
 # of accumulation, the probabilities rounded to the dtype for the P @ V dot, and one final rounding.
 TOLERANCES = {
@@ -60,13 +46,8 @@ TOLERANCES = {
 WINDOWS = [None, 5, 1000]  # none, shorter than most contexts, longer than every context
 
 
-def _dtype_id(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def _close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+    _assert_close(actual, expected, dtype, TOLERANCES)
 
 
 @dataclass(frozen=True)
@@ -175,7 +156,7 @@ def test_decode_matches_reference(block_size: int, group: int, window: int | Non
     _close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_dtypes(dtype: torch.dtype, window: int | None) -> None:
     block_size, num_kv_heads, group, head_dim = 16, 2, 2, 32
@@ -230,7 +211,7 @@ def test_prefill_matches_reference(block_size: int, group: int, window: int | No
     _close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("window", [None, 5])
 def test_prefill_dtypes(dtype: torch.dtype, window: int | None) -> None:
     chunks, contexts = [9, 30, 1, 16], [9, 47, 64, 33]
@@ -392,33 +373,12 @@ def test_signatures_match_reference() -> None:
         assert list(ours.parameters.items()) == list(theirs.parameters.items()), name
 
 
-@contextmanager
-def _no_host_sync() -> Iterator[None]:
-    """Make every Tensor -> Python value conversion raise: on CUDA each would stall the step."""
-    names = ["item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero"]
-    saved = {n: getattr(torch.Tensor, n) for n in names}
-
-    def trap(name: str) -> Callable[..., Any]:
-        def raiser(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            raise AssertionError(f"host sync: Tensor.{name}() inside a paged attention launch")
-
-        return raiser
-
-    for name in names:
-        setattr(torch.Tensor, name, trap(name))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(torch.Tensor, name, fn)
-
-
 def test_triton_launches_do_not_sync_with_the_host() -> None:
     chunks, contexts = [4, 9], [4, 21]
     cache = _paged_cache(contexts, 4, 2, 16, torch.float16, seed=47)
     q = _queries(sum(chunks), 4, 16, torch.float16, seed=47)
     query_start = _query_start(chunks)
-    with _no_host_sync():
+    with no_host_sync("a paged attention launch"):
         dec = _decode(tl_attn, q[:2], cache, 8)
         pre = tl_attn.paged_prefill_attention(
             q, cache.k_cache, cache.v_cache, cache.block_tables, query_start, cache.context_lens, 4, 0.25, 8
@@ -488,12 +448,11 @@ def test_reference_agrees_with_engine_paged_attention(window: int | None) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU: larger shapes (skipped without CUDA) and a compile check that needs none
+# GPU: larger shapes and torch's sync detector (`gpu`: skipped without CUDA), a compile check that needs none
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("window", [None, 256])
 def test_gpu_large_shapes_match_reference(dtype: torch.dtype, window: int | None) -> None:
     rng = random.Random(59)
@@ -510,6 +469,30 @@ def test_gpu_large_shapes_match_reference(dtype: torch.dtype, window: int | None
     _close(_prefill(tl_attn, q, cache, chunks, window), _prefill(reference, q, cache, chunks, window), dtype)
 
 
+@pytest.mark.gpu
+def test_gpu_launches_never_sync_with_the_host() -> None:
+    """torch's own sync detector on the device, after the JIT has compiled (compiling may sync)."""
+    chunks, contexts = [450, 3, 77], [450, 1203, 77]
+    cache = _paged_cache(contexts + [684] * 64, 16, 8, 128, torch.bfloat16, seed=67)
+    q = _queries(sum(chunks) + 64, 32, 128, torch.bfloat16, seed=67)
+    prefill_cache = PagedCache(cache.k_cache, cache.v_cache, cache.block_tables[:3], cache.context_lens[:3], 16)
+    decode_cache = PagedCache(cache.k_cache, cache.v_cache, cache.block_tables[3:], cache.context_lens[3:], 16)
+    query_start = _query_start(chunks)
+    p = sum(chunks)
+
+    def step() -> tuple[torch.Tensor, torch.Tensor]:
+        pre = tl_attn.paged_prefill_attention(
+            q[:p], cache.k_cache, cache.v_cache, prefill_cache.block_tables, query_start,
+            prefill_cache.context_lens, 16, 128**-0.5, None,
+        )
+        return pre, _decode(tl_attn, q[p:], decode_cache, None)
+
+    step()
+    with cuda_sync_trap():
+        pre, dec = step()
+    assert torch.isfinite(pre).all() and torch.isfinite(dec).all()
+
+
 # Runs in a fresh interpreter: with TRITON_INTERPRET=1 set, this process's kernels are interpreter
 # objects that the compiler cannot take. Inner strides are 1 and rows 16-byte aligned, as the JIT
 # specializes real launches, so what is compiled is what a GPU would run.
@@ -520,13 +503,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import triton_attention as k
+from kernels.tuning import TABLE
 
 INDEX_POINTERS = {"tables_ptr", "ctx_ptr", "query_start_ptr"}
 TORCH_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+""" + COMPILE_OR_SKIP + r"""
 done = 0
 for dtype in ("fp16", "bf16", "fp32"):
     for head_dim, group in ((64, 1), (128, 4), (256, 3)):
-        tiles = k.tile_config(TORCH_DTYPES[dtype], head_dim)
+        tiles = TABLE["sm90"].attention.pick(TORCH_DTYPES[dtype], head_dim)
         common = {"QUERIES_PER_KV": group, "BLOCK_D": head_dim, "BLOCK_N": tiles.block_n,
                   "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "UPCAST_DOT": False}
         block_m = max(tiles.max_block_m, 16)
@@ -550,17 +535,11 @@ for dtype in ("fp16", "bf16", "fp32"):
                     signature[name] = "fp32" if name == "qk_scale" else "i32"
                 if name.endswith("_ptr") or name.startswith("stride_") and name != "stride_tb":
                     attrs[(i,)] = [["tt.divisibility", 16]]
-            try:
-                compiled = triton.compile(
-                    ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
-                    target=GPUTarget("cuda", 90, 32),
-                    options={"num_warps": tiles.num_warps, "num_stages": 2},
-                )
-            except Exception as exc:
-                if "ptxas" in str(exc) and isinstance(exc, (FileNotFoundError, RuntimeError)):
-                    print("no ptxas:", exc)
-                    sys.exit(77)
-                raise
+            compiled = compile_or_skip(
+                ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
+                GPUTarget("cuda", 90, 32),
+                {"num_warps": tiles.num_warps, "num_stages": 2},
+            )
             assert compiled.asm.get("cubin"), fn
             done += 1
 print("compiled", done)
@@ -570,20 +549,4 @@ print("compiled", done)
 @pytest.mark.skipif(DEVICE.type == "cuda", reason="on a GPU every other test compiles the kernels for real")
 def test_kernels_compile_for_sm90() -> None:
     """The interpreter accepts code the GPU compiler rejects, so compile both kernels for H100 (no GPU needed)."""
-    pytest.importorskip("triton.backends.nvidia")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", _COMPILE_SCRIPT],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode == 77:
-        pytest.skip(proc.stdout.strip())
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "compiled 18" in proc.stdout
+    compile_for_sm90(_COMPILE_SCRIPT, "compiled 18", timeout_s=600)

@@ -23,11 +23,8 @@ import contextlib
 import json
 import os
 import random
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,11 +33,11 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.demo import DEMO_ADAPTERS, build_demo
+from models.demo import DEMO_ADAPTERS, build_demo
+from tests.ray_serve_helpers import REPO, local_serve, python_path_with_repo, replica_states
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "loraserve"
 ADAPTERS = [a[0] for a in DEMO_ADAPTERS]
 PROMPT = "The quick brown fox"
@@ -73,26 +70,6 @@ AUTOSCALING = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ray_processes(ray_tmp: Path) -> list[str]:
-    """Live processes whose command line names this test's Ray temp dir (raylet, gcs, workers...)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-            if str(ray_tmp) in cmd and state != "Z":
-                found.append(f"{entry.name}: {cmd[:120]}")
-    return found
-
-
 class ServeInstance:
     def __init__(self, port: int) -> None:
         self.port = port
@@ -114,10 +91,7 @@ class ServeInstance:
 
     @staticmethod
     def replica_states() -> dict[str, int]:
-        from ray import serve
-
-        status = serve.status().applications[APP].deployments["ModelReplica"]
-        return {str(getattr(k, "value", k)): int(v) for k, v in status.replica_states.items()}
+        return replica_states(APP)
 
     def running_replicas(self) -> int:
         return self.replica_states().get("RUNNING", 0)
@@ -125,40 +99,12 @@ class ServeInstance:
 
 @pytest.fixture(scope="module")
 def serve_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    import ray
-    from ray import serve
-
-    tmp = tmp_path_factory.mktemp("autoscale-e2e")
-    cache = tmp / "cache"
+    cache = tmp_path_factory.mktemp("autoscale-e2e") / "cache"
     build_demo(cache)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lsas", dir="/tmp"))  # short: UNIX socket path limit
-    saved = {k: os.environ.get(k) for k in ("LORASERVE_CACHE_DIR", "PYTHONPATH", "RAY_ADDRESS")}
-    # Ray's processes inherit this environment: the demo cache, and this checkout on the path.
-    os.environ["LORASERVE_CACHE_DIR"] = str(cache)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    os.environ.pop("RAY_ADDRESS", None)
-    port = _free_port()
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(ray_tmp), logging_level="warning")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(cache, "lsas") as port:
         instance = ServeInstance(port)
         instance.deploy(autoscaling_config=AUTOSCALING)
         yield instance
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        deadline = time.monotonic() + 30
-        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = _ray_processes(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
 
 
 def _wait_replicas(instance: ServeInstance, want: int, timeout: float) -> list[tuple[float, dict[str, int]]]:
@@ -240,7 +186,7 @@ def test_loadtest_smoke(serve_instance: ServeInstance, tmp_path: Path) -> None:
     out = tmp_path / "report"
     cmd = [sys.executable, "-m", "loadtests.run_loadtest", "--scenario", "burst", "--host", serve_instance.url,
            "--duration", "30", "--users", "12", "--max-requests", "3000", "--out", str(out)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    env = {**os.environ, "PYTHONPATH": python_path_with_repo(os.environ.get("PYTHONPATH")),
            "LORASERVE_ADMIN_TOKEN": ADMIN_TOKEN}  # the runner samples GET /admin/stats with it
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

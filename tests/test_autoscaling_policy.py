@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from serve_app.autoscaling import KV_USAGE, LOAD, QUEUE_WAIT_S, AggregateLoadPolicy, engine_load_stats
+from serve_app.autoscaling import AggregateLoadPolicy, engine_load_stats
+from serve_app.stats_keys import ENGINE_LOAD, KV_USAGE, QUEUE_WAIT_S
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Ctx:
 
     @property
     def aggregated_metrics(self) -> dict[str, dict[str, float]]:
-        m = {LOAD: {f"r{i}": v for i, v in enumerate(self.loads)}}
+        m = {ENGINE_LOAD: {f"r{i}": v for i, v in enumerate(self.loads)}}
         if self.kv is not None:
             m[KV_USAGE] = {f"r{i}": v for i, v in enumerate(self.kv)}
         if self.waits is not None:
@@ -78,7 +79,7 @@ def test_falls_back_to_serve_request_count_before_custom_metrics() -> None:
 
 def test_engine_stats_to_metrics() -> None:
     m = engine_load_stats({"num_running": 5, "num_waiting": 7, "kv_blocks_used": 25, "kv_blocks_total": 100}, 1.5)
-    assert m == {LOAD: 12.0, KV_USAGE: 0.25, QUEUE_WAIT_S: 1.5}
+    assert m == {ENGINE_LOAD: 12.0, KV_USAGE: 0.25, QUEUE_WAIT_S: 1.5}
 
 
 def test_bad_kwargs() -> None:

@@ -45,8 +45,8 @@ from engine.attention import (
 from engine.block_manager import BlockManager
 from engine.model import CausalLM
 from engine.model_arch import ModelArch
-from engine.synthetic import build_adapter, build_model
 from kernels.lora_ops import LoraBatch, LoraOps
+from models.synthetic import build_adapter, build_model
 from tests.helpers import PeftOracle, TinyFamily, make_engine, random_prompts, run_requests
 
 NO_COMPILER = not any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
@@ -343,6 +343,62 @@ def test_native_lora_equals_the_reference(library: native_ops.Library, dtype: to
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_lora_reads_b_stored_transposed_in_place_with_the_same_result(
+    library: native_ops.Library, dtype: torch.dtype
+) -> None:
+    # The slot table stores B as [S, R, out] and hands out the [S, out, R] view (engine/adapter_slots.py);
+    # the op reads that in place and must give bit for bit what it gives for a contiguous B.
+    x, base, a, b, scaling = _lora_case(dtype, seed=4)
+    stored = b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert stored.stride(1) == 1 and torch.equal(stored, b)
+    batch = LoraBatch.build(SLOTS, NUM_PREFILL, "cpu")
+    ops = cpu_lora.NativeLoraOps(library)
+    got, want = base.clone(), base.clone()
+    ops.apply(x, got, a, stored, scaling, batch, OFFSET)
+    ops.apply(x, want, a, b, scaling, batch, OFFSET)
+    assert torch.equal(got, want) and not torch.equal(got, base)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_lora_gives_a_token_the_same_bits_whoever_shares_its_adapter(
+    library: native_ops.Library, dtype: torch.dtype
+) -> None:
+    # The op computes several tokens of one slot per pass; a token's delta must not depend on how many
+    # batch-mates (other requests' tokens) share its adapter, nor on where in the run it sits.
+    x, base, a, b, scaling = _lora_case(dtype, seed=6)
+    ops = cpu_lora.NativeLoraOps(library)
+    alone = []
+    for t in range(9):
+        row = base[t : t + 1].clone()
+        ops.apply(x[t : t + 1], row, a, b, scaling, LoraBatch.build([3], 0, "cpu"), OFFSET)
+        alone.append(row)
+    for run in range(1, 10):
+        slots = [0] * (9 - run) + [3] * run
+        got = base[:9].clone()
+        ops.apply(x[:9], got, a, b, scaling, LoraBatch.build(slots, 0, "cpu"), OFFSET)
+        for t in range(9 - run, 9):
+            assert torch.equal(got[t : t + 1], alone[t]), (run, t)
+
+
+def test_slot_table_stores_b_transposed(families: dict[str, TinyFamily]) -> None:
+    from engine.adapter_slots import AdapterSlots
+    from engine.adapters import LoraAdapter, LoraModuleWeights
+
+    arch = ModelArch.from_hf_config(AutoConfig.from_pretrained(str(families["llama"].base)))
+    slots = AdapterSlots(arch, num_slots=3, max_rank=8, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(5)
+    lora_b = torch.randn(arch.q_size, 4, generator=gen)
+    weights = {(1, "q_proj"): LoraModuleWeights(torch.randn(4, arch.hidden_size, generator=gen), lora_b, 2.0)}
+    slots.write(2, LoraAdapter("a", "memory", 4, ("q_proj",), weights, None))
+    stack = slots.layers[1]["q_proj"]
+    assert stack.lora_b.shape == (3, arch.q_size, 8) and stack.lora_b.stride(1) == 1
+    assert torch.equal(stack.lora_b[2, :, :4], lora_b) and not stack.lora_b[2, :, 4:].any()
+    assert not stack.lora_b[:2].any()
+
+
+@needs_native
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), 1e30])
 def test_native_lora_keeps_a_poisoned_slot_to_its_own_rows(library: native_ops.Library, poison: float) -> None:
     x, base, a, b, scaling = _lora_case(torch.float32, seed=2)
@@ -448,7 +504,7 @@ def test_engine_native_mixed_batch_matches_peft(
         got = asyncio.run(run_requests(engine, requests, NEW_TOKENS))
         for (prompt, adapter), tokens in zip(requests, got):
             assert tokens == oracle.greedy(prompt, adapter, NEW_TOKENS), f"{family}/{adapter}: {prompt!r}"
-        assert engine.stats()["max_batch_seqs"] >= 10
+        assert engine.stats().max_batch_seqs >= 10
         engine.check_idle_invariants()
     finally:
         engine.shutdown()
@@ -466,7 +522,7 @@ def test_engine_native_preemption_and_small_blocks_match_peft(
         got = asyncio.run(run_requests(engine, requests, NEW_TOKENS, stagger_s=0.005))
         for (prompt, adapter), tokens in zip(requests, got):
             assert tokens == oracle.greedy(prompt, adapter, NEW_TOKENS)
-        assert engine.stats()["preemptions"] > 0
+        assert engine.stats().preemptions > 0
         engine.check_idle_invariants()
     finally:
         engine.shutdown()

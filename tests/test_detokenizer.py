@@ -8,7 +8,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.synthetic import build_tokenizer
+from models.synthetic import build_tokenizer
 
 TEXTS = [
     "Grüße aus München, naïve café 🙂🚀 and 日本語のテキスト",

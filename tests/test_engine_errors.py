@@ -14,12 +14,13 @@ from engine import (
     AdapterSpec,
     Engine,
     EngineConfig,
+    EngineDeadError,
     InvalidRequestError,
     OverloadedError,
     SamplingParams,
     UnknownAdapterError,
 )
-from engine.synthetic import build_adapter
+from models.synthetic import build_adapter
 from tests.helpers import TinyFamily, make_engine
 
 
@@ -96,6 +97,27 @@ def test_queue_bound_gives_overload_and_nothing_is_lost(families: dict[str, Tiny
         eng.shutdown()
 
 
+def test_a_dead_step_loop_fails_waiting_requests_and_refuses_new_ones(
+    families: dict[str, TinyFamily], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug outside the model step kills the step thread: callers hear back (never hang), health says so."""
+    eng = make_engine(families["llama"])
+
+    def broken_schedule() -> None:
+        raise RuntimeError("scheduler bug")
+
+    try:
+        assert run(eng, "hello").generated_tokens >= 1 and eng.is_alive()
+        monkeypatch.setattr(eng.scheduler, "schedule", broken_schedule)
+        with pytest.raises(EngineDeadError, match="scheduler bug"):
+            run(eng, "hello")
+        assert not eng.is_alive()
+        with pytest.raises(EngineDeadError, match="step loop died"):  # refused before anything is queued
+            run(eng, "hello again")
+    finally:
+        eng.shutdown()
+
+
 def test_abort_frees_everything(engine: Engine) -> None:
     async def start_then_abort() -> None:
         agen = engine.generate("abort me", SamplingParams(max_new_tokens=100, ignore_eos=True), "all-r64", request_id="to-abort")
@@ -112,13 +134,13 @@ def test_abort_frees_everything(engine: Engine) -> None:
         await agen.__anext__()
         await agen.aclose()
         for _ in range(100):
-            if engine.stats()["num_running"] == 0:
+            if engine.stats().num_running == 0:
                 return
             await asyncio.sleep(0.02)
 
     asyncio.run(close_early())
     engine.check_idle_invariants()
-    assert engine.stats()["aborted"] >= 2
+    assert engine.stats().aborted >= 2
 
 
 # ---- adapter validation ---------------------------------------------------------------------------
@@ -152,7 +174,7 @@ def test_rank_above_max_and_wrong_base(families: dict[str, TinyFamily], tmp_path
     with pytest.raises(AdapterLoadError, match="above max_lora_rank=16"):
         Engine(EngineConfig(model=str(fam.base), adapters=(AdapterSpec("big", str(fam.adapters["all-r64"])),), max_lora_rank=16))
     wide = tmp_path / "wide"
-    from engine.synthetic import build_model
+    from models.synthetic import build_model
 
     wide_base = build_model(tmp_path / "wide-base", "llama", hidden_size=96, num_heads=4, num_kv_heads=2)
     build_adapter(wide, wide_base, rank=4)

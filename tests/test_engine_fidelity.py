@@ -56,7 +56,7 @@ def test_mixed_batch_matches_peft(family: str, families: dict[str, TinyFamily], 
         for (prompt, adapter), tokens in zip(requests, got):
             assert tokens == oracle.greedy(prompt, adapter, NEW_TOKENS), f"{family}/{adapter}: {prompt!r}"
         stats = engine.stats()
-        assert stats["max_batch_seqs"] >= 10, stats  # they really ran together
+        assert stats.max_batch_seqs >= 10, stats  # they really ran together
         engine.check_idle_invariants()
     finally:
         engine.shutdown()
@@ -71,7 +71,7 @@ def test_arrivals_while_decoding(families: dict[str, TinyFamily], oracles: dict[
         for (prompt, adapter), tokens in zip(requests, got):
             assert tokens == oracle.greedy(prompt, adapter, NEW_TOKENS)
         stats = engine.stats()
-        assert stats["steps"] > NEW_TOKENS and stats["max_batch_seqs"] > 1
+        assert stats.steps > NEW_TOKENS and stats.max_batch_seqs > 1
         engine.check_idle_invariants()
     finally:
         engine.shutdown()
@@ -87,7 +87,7 @@ def test_preemption_keeps_tokens(family: str, families: dict[str, TinyFamily], o
         got = asyncio.run(run_requests(engine, requests, NEW_TOKENS))
         for (prompt, adapter), tokens in zip(requests, got):
             assert tokens == oracle.greedy(prompt, adapter, NEW_TOKENS)
-        assert engine.stats()["preemptions"] > 0
+        assert engine.stats().preemptions > 0
         engine.check_idle_invariants()
     finally:
         engine.shutdown()

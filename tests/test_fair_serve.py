@@ -30,12 +30,14 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineConfig, OverloadedError, QueueTimeoutError, RequestTimeoutError, SamplingParams
+from models.demo import build_demo, demo_adapter_specs
+from serve_app.admission_gate import AdmissionGate, GatedBackend
 from serve_app.backends import LocalBackend
 from serve_app.core import ReplicaCore
-from serve_app.demo import build_demo, demo_adapter_specs
 from serve_app.errors import error_info, openai_error, tgi_error
 from serve_app.http_app import create_app
-from serve_app.metrics import ADAPTER_LABELS_NAMED, OTHER_ADAPTERS_LABEL, ReplicaMetrics, render_prometheus
+from serve_app.metrics import ADAPTER_LABELS_NAMED, OTHER_ADAPTERS_LABEL, ReplicaMetrics
+from serve_app.metrics_exposition import render_prometheus
 from serve_app.settings import ENGINE_KEYS, AppSettings
 from tests.test_serve_http import wait_idle
 
@@ -73,13 +75,13 @@ def tgi_body(adapter: str | None, max_new_tokens: int, prompt: str = PROMPT) -> 
 async def hold(core: ReplicaCore, adapter: str, i: int) -> AsyncIterator[list[dict[str, Any]]]:
     """A long streamed request straight to the replica (the ingress's stream call), left open; EOS ignored,
     so it runs for all LONG tokens (seconds) unless closed."""
-    return core.stream({"prompt": f"{PROMPT} {i}", "model": adapter,
+    return core.stream({"prompt": f"{PROMPT} {i}", "adapter_id": adapter,
                         "params": {"max_new_tokens": LONG, "ignore_eos": True}})
 
 
 def in_engine(core: ReplicaCore, adapter: str) -> tuple[int, int]:
     stats = core.engine.stats()
-    return stats["running"].get(adapter, 0), stats["waiting"].get(adapter, 0)
+    return stats.running.get(adapter, 0), stats.waiting.get(adapter, 0)
 
 
 async def until(predicate: Any, what: str, timeout_s: float = 30.0) -> None:
@@ -184,6 +186,64 @@ def test_flooding_adapter_alone_gets_429_at_once_and_the_other_is_served(demo_di
         core.shutdown()
 
 
+def test_ingress_answers_the_flood_itself_after_the_first_refusal(demo_dir: Path) -> None:
+    """The ingress's admission gate (serve_app/admission_gate.py) over the same app: once the replica has
+    refused A, A's next requests get the same 429 from the ingress without reaching the replica; B is
+    served as before; when one of A's requests ends, the next A request reaches the replica again."""
+    core = make_core(demo_dir, max_num_seqs=2, max_waiting_per_adapter=PER_ADAPTER_BOUND)
+    gate = AdmissionGate(hold_s=30.0)  # longer than the test: only an end of A's request reopens it
+
+    async def scenario() -> None:
+        running = [await hold(core, FLOOD, i) for i in range(2)]
+        for stream in running:
+            assert "error" not in (await stream.__anext__())[0]
+        queued = [await hold(core, FLOOD, 10 + i) for i in range(PER_ADAPTER_BOUND)]
+        pending = [asyncio.ensure_future(q.__anext__()) for q in queued]
+        try:
+            await until(lambda: in_engine(core, FLOOD) == (2, PER_ADAPTER_BOUND), "A holds 2 seats and 3 waiting")
+            app = create_app(GatedBackend(LocalBackend(core), gate))
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
+                                         timeout=60) as http:
+                answers = [await http.post("/generate", json=tgi_body(FLOOD, 8, f"flood {i}")) for i in range(4)]
+                answers.append(await http.post("/generate_stream", json=tgi_body(FLOOD, 8, "flood s")))
+                answers.append(await http.post("/v1/completions", json={"model": FLOOD, "prompt": "f", "max_tokens": 8}))
+                for r in answers:
+                    assert r.status_code == 429, r.text
+                    assert 1 <= retry_after(r) <= 60
+                    assert "max_waiting_per_adapter=3" in r.text
+                assert gate.refused_here == len(answers) - 1  # only the first reached the replica
+                light = await http.post("/generate", json=tgi_body(LIGHT, 8))
+                assert light.status_code == 200, light.text
+
+                # One of A's requests ends (the client goes away); its place goes to the next A request,
+                # which reaches the replica again (and waits there, since a waiting A request took the seat).
+                await running.pop().aclose()
+                gate.ended(FLOOD)  # the held stream went straight to the replica, not through the gate
+                await until(lambda: in_engine(core, FLOOD) == (2, PER_ADAPTER_BOUND - 1), "a waiting A request runs")
+                again = asyncio.ensure_future(http.post("/generate", json=tgi_body(FLOOD, 1, "after")))
+                await until(lambda: in_engine(core, FLOOD)[1] == PER_ADAPTER_BOUND, "the next A request is queued")
+                assert gate.refused_here == len(answers) - 1
+                again.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await again
+                metrics = (await http.get("/metrics")).text
+            requests = samples(metrics, "loraserve_requests_total")
+            assert requests[(("adapter", FLOOD), ("status", "overloaded"))] == 1  # what reached the replica
+        finally:
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await task
+            for stream in queued + running:
+                await stream.aclose()
+
+    try:
+        asyncio.run(scenario())
+        wait_idle(core)
+    finally:
+        core.shutdown()
+
+
 # ---- deadlines -----------------------------------------------------------------------------------
 def test_max_queue_wait_is_503_with_retry_after_and_frees_everything(demo_dir: Path) -> None:
     core = make_core(demo_dir, max_num_seqs=1, max_queue_wait_s=1.0)
@@ -216,7 +276,7 @@ def test_max_queue_wait_is_503_with_retry_after_and_frees_everything(demo_dir: P
         assert timeouts[(("adapter", LIGHT), ("reason", "queue_timeout"))] == 2
         assert samples(metrics.text, "loraserve_requests_total")[(("adapter", LIGHT), ("status", "queue_timeout"))] == 2
         wait_idle(core)
-        assert core.engine.stats()["queue_timeouts"] == 3
+        assert core.engine.stats().queue_timeouts == 3
     finally:
         core.shutdown()
 
@@ -247,7 +307,7 @@ def test_engine_request_timeout_is_504_or_an_error_event_after_the_tokens(demo_d
         assert 0 < len(events) - 1 < ENDLESS_TOKENS and all(e["token"] is not None for e in events[:-1])
         assert short.status_code == 200  # short requests finish within the deadline
         wait_idle(core)
-        assert core.engine.stats()["request_timeouts"] == 2
+        assert core.engine.stats().request_timeouts == 2
     finally:
         core.shutdown()
 
@@ -323,11 +383,17 @@ def test_launcher_flags_for_fair_sharing() -> None:
 
     app_args, _ = parse_args(["--scheduling-policy", "fair", "--adapter-weights", "sql=2,chat=1",
                               "--max-waiting-per-adapter", "32", "--max-waiting-slack", "8", "--max-queue-wait-s", "20",
-                              "--engine-request-timeout-s", "120", "--adapter-load-timeout-s", "30"])
-    config = AppSettings.from_args(app_args, env={}).engine_config("m", ())
+                              "--engine-request-timeout-s", "120", "--adapter-load-timeout-s", "30",
+                              "--refusal-hold-s", "0.5"])
+    settings = AppSettings.from_args(app_args, env={})
+    assert settings.refusal_hold_s == 0.5
+    config = settings.engine_config("m", ())
     assert config.adapter_weights == {"sql": 2.0, "chat": 1.0}
     assert (config.max_waiting_per_adapter, config.max_waiting_slack, config.max_queue_wait_s) == (32, 8, 20.0)
     assert (config.request_timeout_s, config.adapter_load_timeout_s) == (120.0, 30.0)
+    for bad in (-1, 61, "soon", True):
+        with pytest.raises(ValueError, match="refusal_hold_s"):
+            AppSettings.from_args({"refusal_hold_s": bad}, env={})
 
 
 def test_serve_limits_cover_the_engine_bounds() -> None:

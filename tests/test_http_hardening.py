@@ -26,11 +26,12 @@ import httpx
 import pytest
 
 from engine import EngineConfig
+from models.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
 from serve_app.__main__ import is_loopback, parse_args
 from serve_app.admin import MAX_ADMIN_BODY, AdminConfig
 from serve_app.backends import LocalBackend
-from serve_app.core import INLINE_PREPARE_CHARS, EngineRequest, ReplicaCore
-from serve_app.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
+from serve_app.core import INLINE_PREPARE_CHARS, ReplicaCore
+from serve_app.engine_request import EngineRequest
 from serve_app.errors import INTERNAL_ERROR_MESSAGE
 from serve_app.http_app import create_app
 from serve_app.settings import AppSettings
@@ -381,10 +382,10 @@ def test_no_response_carries_internals(http: Client, core: ReplicaCore, demo_dir
     # Internal failures on the replica's side: the tokenizer raising (as it does on a lone surrogate).
     original = core.engine.tokenize
 
-    def failing_tokenize(prompt: str | list[int]) -> list[int]:
+    def failing_tokenize(prompt: str | list[int], truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             raise TypeError(LEAKY)
-        return original(prompt)
+        return original(prompt, truncate)
 
     monkeypatch.setattr(core.engine, "tokenize", failing_tokenize)
     for route, kwargs in [("/generate", _gen(max_new_tokens=2)), ("/generate_stream", _gen(max_new_tokens=2)),
@@ -468,10 +469,10 @@ def test_prompt_char_cap_refuses_before_tokenizing(http: Client, core: ReplicaCo
     calls: list[int] = []
     original = core.engine.tokenize
 
-    def counting(prompt: str | list[int]) -> list[int]:
+    def counting(prompt: str | list[int], truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str):
             calls.append(len(prompt))
-        return original(prompt)
+        return original(prompt, truncate)
 
     monkeypatch.setattr(core.engine, "tokenize", counting)
     r = http("POST", "/generate", json={"inputs": "y" * 3_900_000})  # the 3.9 MB prompt: over the body limit
@@ -524,12 +525,12 @@ def test_tokenizing_runs_off_the_event_loop(core: ReplicaCore, monkeypatch: pyte
     original = core.engine.tokenize
     big = "word " * (INLINE_PREPARE_CHARS // 5 + 50)  # over the inline bound, well under max_input_chars
 
-    def slow_tokenize(prompt: str | list[int]) -> list[int]:
+    def slow_tokenize(prompt: str | list[int], truncate: int | None = None) -> list[int]:
         if isinstance(prompt, str) and len(prompt) == len(big):
             entered.set()
             release.wait(timeout=10)  # blocks this thread; on the event loop it would block everything
             left.set()
-        return original(prompt)
+        return original(prompt, truncate)
 
     monkeypatch.setattr(core.engine, "tokenize", slow_tokenize)
     client = Client(create_app(LocalBackend(core)))

@@ -45,13 +45,14 @@ from engine.attention import (
 from engine.block_manager import BlockManager
 from engine.model_arch import ModelArch
 from engine.sampler import SampleRow, sample
-from engine.synthetic import build_adapter
 from kernels.lora_ops import LoraBatch, LoraOps
+from models.synthetic import build_adapter
 from serve_app.backends import LocalBackend
 from serve_app.core import ReplicaCore
 from serve_app.errors import error_info, tgi_error_body, tgi_status
 from serve_app.http_app import create_app
-from serve_app.metrics import ReplicaMetrics, render_prometheus
+from serve_app.metrics import ReplicaMetrics
+from serve_app.metrics_exposition import render_prometheus
 from tests.helpers import TinyFamily, build_family, make_engine
 
 # Overflow inside Triton's interpreter (numpy) is what the poisoned slots are for.
@@ -406,29 +407,31 @@ def test_bad_adapters_fail_alone_and_leave_batch_mates_and_cache_untouched(
             assert str(result) == f"adapter {name!r} produced non-finite logits (NaN or Inf); the request was stopped"
         assert got[len(bad) :] == want_good
         stats = engine.stats()
-        assert stats["nonfinite_by_adapter"] == {name: 1 for name in bad_names}
-        assert stats["failed"] == len(bad_names)
+        assert stats.nonfinite_by_adapter == {name: 1 for name in bad_names}
+        assert stats.failed == len(bad_names)
         engine.check_idle_invariants()
 
         # The failed requests' blocks went back to the free list with their NaN K/V in them.
         assert _cache_holds_nan(engine)
         assert asyncio.run(_run(engine, later)) == want_later
         engine.check_idle_invariants()
-        assert engine.stats()["nonfinite_by_adapter"] == {name: 1 for name in bad_names}
+        assert engine.stats().nonfinite_by_adapter == {name: 1 for name in bad_names}
     finally:
         engine.shutdown()
 
 
 def test_garbage_in_every_free_kv_block_changes_no_token(isolation: TinyFamily) -> None:
     requests = [(_prompt(n, seed=70 + n), name) for n, name in zip((4, 19, 33, 8, 50), GOOD)]
-    engine = make_engine(isolation, lora_backend="torch")
+    # Without prefix caching: with it, idle blocks also hold cached K/V kept for reuse (overwriting them
+    # is corrupting the cache, not stale data); tests/test_prefix_cache.py checks what is reused.
+    engine = make_engine(isolation, lora_backend="torch", enable_prefix_caching=False)
     try:
         want = _alone(engine, requests)
         for fill in (NAN, INF):
             engine.kv.k.fill_(fill)  # idle: every block is free
             engine.kv.v.fill_(-fill)
             assert asyncio.run(_run(engine, requests)) == want
-        assert engine.stats()["nonfinite_by_adapter"] == {}
+        assert engine.stats().nonfinite_by_adapter == {}
     finally:
         engine.shutdown()
 
@@ -445,7 +448,7 @@ def test_float16_overflow_fails_only_the_overflowing_request(isolation: TinyFami
         got = asyncio.run(_run(engine, [(_prompt(40, seed=90), "f16-overflow"), *good]))
         assert isinstance(got[0], NonFiniteOutputError) and got[0].adapter_id == "f16-overflow"
         assert got[1:] == want
-        assert engine.stats()["nonfinite_by_adapter"] == {"f16-overflow": 1}
+        assert engine.stats().nonfinite_by_adapter == {"f16-overflow": 1}
         assert asyncio.run(_run(engine, good)) == want
         engine.check_idle_invariants()
     finally:
@@ -469,7 +472,7 @@ def test_prompt_logprobs_of_a_nan_request_are_never_recorded(isolation: TinyFami
         assert isinstance(bad, NonFiniteOutputError) and bad.adapter_id == "nan-kv"
         assert good.token_ids == alone.token_ids
         assert [t.logprob for t in good.prefill] == pytest.approx([t.logprob for t in alone.prefill], abs=1e-5)
-        assert engine.stats()["nonfinite_by_adapter"] == {"nan-kv": 1}
+        assert engine.stats().nonfinite_by_adapter == {"nan-kv": 1}
         engine.check_idle_invariants()
     finally:
         engine.shutdown()

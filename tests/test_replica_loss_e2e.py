@@ -25,25 +25,21 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from serve_app.demo import DEMO_ADAPTERS, build_demo
+from models.demo import DEMO_ADAPTERS, build_demo
 from serve_app.handle_errors import REPLICA_LOST_MESSAGE
+from tests.ray_serve_helpers import descendants, local_serve, proc_table, replica_states
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "replica-loss"
 ADAPTERS = [a[0] for a in DEMO_ADAPTERS]
 REQUEST_TIMEOUT_S = 10.0
@@ -71,43 +67,12 @@ LEAKS = re.compile(r"traceback|actor|\bpid\b|\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}|
                    re.IGNORECASE)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _proc_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, state, command line), from /proc."""
-    table: dict[int, tuple[int, str, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
-    return table
-
-
 def model_replica_pids() -> list[int]:
     """Live ModelReplica processes of this test's Ray instance (its processes descend from this one)."""
-    table = _proc_table()
-    mine: set[int] = set()
-    frontier = [os.getpid()]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, (ppid, _, _) in table.items() if ppid == parent and p not in mine]
-        mine.update(kids)
-        frontier.extend(kids)
+    table = proc_table()
+    mine = descendants(os.getpid()) & table.keys()
     title = f"ray::ServeReplica:{APP}:ModelReplica"
     return sorted(p for p in mine if table[p][2].startswith(title) and table[p][1] not in ("Z", "X"))
-
-
-def _ray_processes(ray_tmp: Path) -> list[str]:
-    return [f"{pid}: {cmd[:120]}" for pid, (_, state, cmd) in _proc_table().items()
-            if str(ray_tmp) in cmd and state != "Z"]
 
 
 class ServeInstance:
@@ -135,10 +100,7 @@ class ServeInstance:
 
     @staticmethod
     def replica_states() -> dict[str, int]:
-        from ray import serve
-
-        status = serve.status().applications[APP].deployments["ModelReplica"]
-        return {str(getattr(k, "value", k)): int(v) for k, v in status.replica_states.items()}
+        return replica_states(APP)
 
     def wait_replicas(self, want: int, timeout_s: float) -> float:
         """Until exactly `want` replicas RUNNING (nothing starting or stopping) and as many processes."""
@@ -153,37 +115,10 @@ class ServeInstance:
 
 @pytest.fixture(scope="module")
 def serve_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeInstance]:
-    import ray
-    from ray import serve
-
-    tmp = tmp_path_factory.mktemp("replica-loss")
-    cache = tmp / "cache"
+    cache = tmp_path_factory.mktemp("replica-loss") / "cache"
     build_demo(cache)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lsrl", dir="/tmp"))  # short: UNIX socket path limit
-    saved = {k: os.environ.get(k) for k in ("LORASERVE_CACHE_DIR", "PYTHONPATH", "RAY_ADDRESS")}
-    os.environ["LORASERVE_CACHE_DIR"] = str(cache)
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
-    os.environ.pop("RAY_ADDRESS", None)
-    port = _free_port()
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(ray_tmp), logging_level="warning")
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    with local_serve(cache, "lsrl") as port:
         yield ServeInstance(port)
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        deadline = time.monotonic() + 30
-        while _ray_processes(ray_tmp) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = _ray_processes(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
-        assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
 
 
 def body(max_new_tokens: int, i: int = 0) -> dict[str, Any]:

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import engine.adapter_pool as adapter_pool
+import engine.adapter_reader as adapter_reader
 from engine import EngineConfig, SamplingParams
+from models.demo import build_demo, demo_adapter_specs
 from serve_app.admin import AdminConfig, check_source
 from serve_app.backends import LocalBackend
 from serve_app.core import ReplicaCore
-from serve_app.demo import build_demo, demo_adapter_specs
 from serve_app.http_app import create_app
 from serve_app.settings import AppSettings, engine_config_from_dict, engine_config_to_dict
 from tests.test_serve_http import wait_idle
@@ -95,7 +95,7 @@ def test_admin_routes_disabled_by_default(core: ReplicaCore) -> None:
         r = off(method, url, headers=AUTH)
         assert r.status_code == 403 and r.json()["error_type"] == "forbidden", (method, url, r.text)
         assert "admin API disabled" in r.json()["error"]
-    assert "qv-r4" in core.engine.adapter_ids()
+    assert "qv-r4" in [a["id"] for a in core.engine.adapter_info()]
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"},
@@ -109,7 +109,7 @@ def test_admin_routes_need_the_token(http: Http, core: ReplicaCore, headers: dic
         assert r.status_code == 401, (method, url, r.text)
         assert r.json()["error_type"] == "unauthorized" and r.json()["error"]  # the reason
         assert r.headers["www-authenticate"].startswith("Bearer")
-    assert "o-r2" in core.engine.adapter_ids() and "x" not in core.engine.adapter_ids()
+    assert "o-r2" in [a["id"] for a in core.engine.adapter_info()] and "x" not in [a["id"] for a in core.engine.adapter_info()]
     assert core.engine.pool.counters.source_loads == before  # the reload did not run
 
 
@@ -167,9 +167,9 @@ def test_sources_outside_the_roots_are_refused_and_nothing_is_read(
         raise AssertionError("an adapter was read")
 
     # Every way the pool reads an adapter goes through these two.
-    monkeypatch.setattr(adapter_pool, "resolve_local_dir", spy)
-    monkeypatch.setattr(adapter_pool, "load_peft_adapter", spy)
-    ids_before = set(core.engine.adapter_ids())
+    monkeypatch.setattr(adapter_reader, "resolve_local_dir", spy)
+    monkeypatch.setattr(adapter_reader, "load_peft_adapter", spy)
+    ids_before = set([a["id"] for a in core.engine.adapter_info()])
     loads_before = core.engine.pool.counters.source_loads
     outside, escape = roots["outside"], roots["escape"]
     for source in [str(outside), str(roots["allowed"]) + "/../outside", str(escape), str(escape / "."), "../outside",
@@ -181,7 +181,7 @@ def test_sources_outside_the_roots_are_refused_and_nothing_is_read(
     # The replica checks again with its own roots (defense in depth if the ingress's roots differ).
     result = run(core.admin("load", {"id": "evil", "source": str(escape)}))
     assert result["error"]["kind"] == "forbidden"
-    assert reads == [] and set(core.engine.adapter_ids()) == ids_before
+    assert reads == [] and set([a["id"] for a in core.engine.adapter_info()]) == ids_before
     assert core.engine.pool.counters.source_loads == loads_before
 
 
@@ -238,7 +238,7 @@ def test_unload_refused_while_a_stream_runs_then_gone(http: Http, core: ReplicaC
 
     async def scenario() -> tuple[httpx.Response, httpx.Response]:
         chunks: AsyncIterator[list[dict[str, Any]]] = core.stream(
-            {"prompt": PROMPT, "model": "busy", "params": {"max_new_tokens": 400, "ignore_eos": True}})
+            {"prompt": PROMPT, "adapter_id": "busy", "params": {"max_new_tokens": 400, "ignore_eos": True}})
         await chunks.__anext__()  # the stream is running: the adapter's slot is pinned
         refused = await http.request("DELETE", "/adapters/busy", headers=AUTH)
         reload_refused = await http.request("POST", "/adapters/busy/reload", headers=AUTH)

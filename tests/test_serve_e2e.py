@@ -14,9 +14,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,12 +31,12 @@ from huggingface_hub.errors import ValidationError
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import Engine, RequestOutput, SamplingParams
-from serve_app.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
+from models.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
 from serve_app.settings import AppSettings
+from tests.ray_serve_helpers import REPO, free_port, python_path_with_repo, stop_ray_launcher, wait_healthy
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(600)]
 
-REPO = Path(__file__).resolve().parents[1]
 ADAPTERS = [a[0] for a in DEMO_ADAPTERS]
 PROMPT = "The quick brown fox"
 STARTUP_TIMEOUT_S = 300.0
@@ -55,38 +52,12 @@ class Server:
     demo_dir: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _serve_executable() -> list[str]:
     # The `serve` console script of this interpreter's environment (not whatever is first on PATH).
     script = Path(sys.executable).parent / "serve"
     if script.exists():
         return [str(script)]
     return [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
-
-
-def _log_tail(log: Path, n: int = 60) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
-    return ""
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], log: Path, urls: list[str], timeout_s: float) -> None:
-    """Until every `urls` answers GET 200; fails the test (with the log's tail) if `proc` exits or time runs out."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[0]} exited with {proc.returncode}:\n{_log_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if all(httpx.get(u, timeout=5).status_code == 200 for u in urls):
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(f"{urls} not healthy after {timeout_s}s:\n{_log_tail(log)}")
-        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -98,7 +69,7 @@ def _serve_run(config: dict[str, Any], tmp: Path, env_extra: dict[str, str], hea
     Ray gets a short private temp dir: it isolates this instance (sockets, logs) from any other Ray on
     the machine and identifies its processes at teardown (short because of the UNIX socket path limit).
     """
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     assert config["http_options"]["host"] == "127.0.0.1"
     config_path = tmp / "config.yaml"
@@ -106,76 +77,18 @@ def _serve_run(config: dict[str, Any], tmp: Path, env_extra: dict[str, str], hea
     ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "LORA_ADAPTERS")}
     env.update(RAY_TMPDIR=str(ray_tmp), PYTHONUNBUFFERED="1", **env_extra,
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+               PYTHONPATH=python_path_with_repo(env.get("PYTHONPATH")))
     log = tmp / "serve.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([*_serve_executable(), "run", str(config_path)], cwd=REPO, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, log, [url + p for p in health_paths], timeout_s)
+        wait_healthy(proc, log, [url + p for p in health_paths], timeout_s)
         yield url, proc, log
     finally:
-        leftovers = _stop(proc, ray_tmp)
+        leftovers = stop_ray_launcher(proc, ray_tmp)
         assert not leftovers, f"processes of the test's Ray instance survived: {leftovers}"
-
-
-def _proc_table() -> dict[int, tuple[int, str, str]]:
-    """pid -> (parent pid, state, command line), read from /proc (Linux; no psutil needed)."""
-    table: dict[int, tuple[int, str, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            table[int(entry.name)] = (int(fields[1]), fields[0], cmdline)
-    return table
-
-
-def _descendants(pid: int) -> set[int]:
-    table = _proc_table()
-    found: set[int] = set()
-    frontier = [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [p for p, (ppid, _, _) in table.items() if ppid == parent and p not in found]
-        found.update(kids)
-        frontier.extend(kids)
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    table = _proc_table()
-    return {p for p in pids if p in table and table[p][1] != "Z"}
-
-
-def _stop(proc: subprocess.Popen[bytes], ray_tmp: Path) -> list[str]:
-    """Ctrl-C `serve run`, then make sure every process of its Ray instance is gone. Returns leftovers."""
-    tree = _descendants(proc.pid)  # raylet, gcs, workers (replicas, proxy, controller), agents, ...
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)  # serve run: serve.shutdown() and the local Ray instance with it
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    deadline = time.monotonic() + 30
-    while _alive(tree) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    for pid in _alive(tree):  # only processes this fixture started, by pid
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    time.sleep(1)
-    leftovers = [f"{pid}: {cmd[:120]}" for pid, (_, state, cmd) in _proc_table().items()
-                 if str(ray_tmp) in cmd and state != "Z"]
-    shutil.rmtree(ray_tmp, ignore_errors=True)
-    return leftovers
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineConfig, SamplingParams
+from models.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
 from serve_app.backends import LocalBackend
 from serve_app.core import ReplicaCore
-from serve_app.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
 from serve_app.http_app import create_app
 from serve_app.settings import AppSettings
 
@@ -95,7 +95,7 @@ def wait_idle(core: ReplicaCore, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         stats = core.engine.stats()
-        if stats["num_running"] == 0 and stats["num_waiting"] == 0 and stats["kv_blocks_used"] == 0:
+        if stats.num_running == 0 and stats.num_waiting == 0 and stats.kv_blocks_used == 0:
             break
         time.sleep(0.02)
     core.engine.check_idle_invariants()
@@ -412,21 +412,21 @@ def test_metrics_exposition(http: Http) -> None:
 # ---- cancellation --------------------------------------------------------------------------------
 def test_closing_a_stream_aborts_and_frees_kv(core: ReplicaCore) -> None:
     async def go() -> int:
-        before: int = core.engine.stats()["aborted"]
+        before: int = core.engine.stats().aborted
         chunks: AsyncIterator[list[dict[str, Any]]] = core.stream(
-            {"prompt": PROMPT, "model": "mlp-r16", "params": {"max_new_tokens": 400}})
+            {"prompt": PROMPT, "adapter_id": "mlp-r16", "params": {"max_new_tokens": 400}})
         got = 0
         async for chunk in chunks:
             got += len(chunk)
             if got >= 3:
                 break
-        assert core.engine.stats()["kv_blocks_used"] > 0
+        assert core.engine.stats().kv_blocks_used > 0
         await chunks.aclose()  # what the ingress does when the client disconnects
         return before
 
     before = run(go())
     wait_idle(core)  # the engine applies the abort at its next step
-    assert core.engine.stats()["aborted"] == before + 1
+    assert core.engine.stats().aborted == before + 1
 
 
 @pytest.mark.parametrize(("rate", "coalesced"), [(0.0, False), (5.0, True)])
@@ -435,7 +435,7 @@ def test_stream_chunking_respects_the_message_budget(demo_dir: Path, rate: float
     core.stream_messages_per_s = rate  # 5/s: one stream may send a chunk every 200 ms
 
     async def go() -> list[list[dict[str, Any]]]:
-        return [chunk async for chunk in core.stream({"prompt": PROMPT, "model": "qv-r4",
+        return [chunk async for chunk in core.stream({"prompt": PROMPT, "adapter_id": "qv-r4",
                                                       "params": {"max_new_tokens": 60}})]
 
     try:

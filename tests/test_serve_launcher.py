@@ -18,14 +18,18 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.demo import build_demo
-from tests.test_serve_e2e import PROMPT, REPO, _free_port, _stop, _wait_healthy
+from models.demo import build_demo
+from tests.ray_serve_helpers import (
+    REPO,
+    free_port,
+    is_loopback_ip,
+    python_path_with_repo,
+    stop_ray_launcher,
+    wait_healthy,
+)
+from tests.test_serve_e2e import PROMPT
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(400)]
-
-
-def _loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
 
 
 def _listening_addresses(pid: int) -> list[tuple[int, str, int, str]]:
@@ -47,11 +51,11 @@ def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
     demo = build_demo(cache)
     extra = tmp_path / "copy-of-qv-r4"
     shutil.copytree(demo / "adapters" / "qv-r4", extra)  # same weights under a new id
-    port = _free_port()
+    port = free_port()
     ray_tmp = Path(tempfile.mkdtemp(prefix="lsrv", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(LORASERVE_CACHE_DIR=str(cache), RAY_TMPDIR=str(ray_tmp), LORA_ADAPTERS=f"extra={extra}",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+               PYTHONPATH=python_path_with_repo(env.get("PYTHONPATH")))
     log = tmp_path / "launcher.log"
     cmd = [sys.executable, "-m", "serve_app", "--model-id", "demo", "--port", str(port), "--hostname", "127.0.0.1",
            "--max-total-tokens", "256", "--max-batch-size", "8", "--num-kv-blocks", "64", "--num-cpus", "2"]
@@ -59,7 +63,7 @@ def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_healthy(proc, log, [f"{url}/health"], 300)
+        wait_healthy(proc, log, [f"{url}/health"], 300)
         info = httpx.get(f"{url}/info", timeout=30).json()
         assert info["max_total_tokens"] == 256 and info["max_batch_size"] == 8
         assert "extra" in {a["id"] for a in info["adapters"]} and len(info["adapters"]) == 9
@@ -70,11 +74,11 @@ def test_launcher_serves_with_tgi_flags(tmp_path: Path) -> None:
         # only. The exception, bound to [::] in Ray Serve's own code: each replica's inter-deployment gRPC
         # server, which Ray's token authentication (on) guards.
         listening = _listening_addresses(proc.pid)
-        outside = [entry for entry in listening if not _loopback(entry[1])]
+        outside = [entry for entry in listening if not is_loopback_ip(entry[1])]
         assert listening and all(name.startswith("ray::ServeReplica") for _pid, _ip, _port, name in outside), outside
         assert all(psutil.Process(pid).environ().get("RAY_AUTH_MODE") == "token" for pid, *_ in outside)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:
-        leftovers = _stop(proc, ray_tmp)
+        leftovers = stop_ray_launcher(proc, ray_tmp)
         assert not leftovers, f"processes of the launcher's Ray instance survived: {leftovers}"

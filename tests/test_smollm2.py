@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from engine import AdapterSpec, SamplingParams
-from engine.gguf_convert import (
+from models.gguf_convert import (
     MARKER,
     GGUFConversionError,
     convert_gguf,
@@ -36,7 +36,7 @@ from engine.gguf_convert import (
     is_complete,
     read_marker,
 )
-from engine.synthetic import build_adapter
+from models.synthetic import build_adapter
 from tests.helpers import PeftOracle, TinyFamily, make_engine, run_requests
 
 SMOLLM2_DIR = Path(__file__).resolve().parents[1] / "models" / "smollm2"

@@ -37,7 +37,8 @@ import pytest
 import torch
 
 from engine import AdapterSpec, Engine, EngineConfig, InvalidRequestError, SamplingParams
-from engine.grammar import GrammarCompiler, GrammarMask, MaskFiller, json_vocab_filter, tokenizer_info
+from engine.grammar import GrammarCompiler, json_vocab_filter, tokenizer_info
+from engine.grammar_mask import GrammarMask, MaskFiller
 from engine.sampling_params import MAX_GRAMMAR_CHARS, GrammarSpec
 from loadtests.bench_grammar import BAR_GRAMMARS, BAR_REGEX, BAR_SCHEMAS, check_output
 from serve_app.backends import LocalBackend
@@ -140,14 +141,14 @@ def _string_mask(info: Any, vocab_size: int) -> torch.Tensor:
 def _tokenizer_cases(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[str, Any, int]]:
     from transformers import AutoTokenizer
 
-    from engine.synthetic import build_tokenizer
+    from models.synthetic import build_tokenizer
 
     cases = [("zoo byte-level", AutoTokenizer.from_pretrained(ZOO / "base"), 259)]
     metaspace = tmp_path_factory.mktemp("metaspace")
     build_tokenizer(metaspace, vocab_size=400, style="metaspace")
     tok = AutoTokenizer.from_pretrained(metaspace)
     cases.append(("metaspace + byte fallback", tok, len(tok) + 7))  # a padded lm_head, as some models have
-    from serve_app.demo import resolve_model
+    from models.resolve import resolve_model
 
     with contextlib.suppress(Exception):  # SmolLM2 is converted from an optional package
         smol = AutoTokenizer.from_pretrained(resolve_model("smollm2").path)
@@ -187,7 +188,7 @@ def test_mixed_batch_each_request_its_own_grammar_and_adapter(zoo_engine: Engine
         assert out.token_ids[-1] in zoo_engine.eos_token_ids
     for ref, out in zip(alone, unconstrained):
         assert out.token_ids == ref.token_ids  # batch-mates with grammars change nothing
-    assert zoo_engine.stats()["grammars"]["cached"] >= len(names)
+    assert zoo_engine.stats().grammars["cached"] >= len(names)
     zoo_engine.check_idle_invariants()
 
 
@@ -219,7 +220,7 @@ def test_grammar_survives_recompute_preemption() -> None:
         jobs = [(prompt(x), "reverse", SamplingParams(max_new_tokens=64, grammar=BAR_GRAMMARS["person"]))
                 for x in held_out(TASKS[0], 8, seed=3)]
         outs = complete_all(engine, jobs)
-        assert engine.stats()["preemptions"] > 0
+        assert engine.stats().preemptions > 0
         solo = [complete_all(engine, [job])[0] for job in jobs[:3]]
     finally:
         engine.shutdown()
@@ -264,10 +265,10 @@ def test_grammar_with_ignore_eos_is_refused(zoo_engine: Engine) -> None:
 def test_one_compile_per_distinct_grammar(zoo_engine: Engine) -> None:
     spec = json_spec({"type": "object", "properties": {"k": {"type": "integer", "minimum": 0, "maximum": 9}},
                       "required": ["k"]})
-    before = zoo_engine.stats()["grammars"]
+    before = zoo_engine.stats().grammars
     outs = complete_all(zoo_engine, [(prompt(x), "reverse", SamplingParams(max_new_tokens=16, grammar=spec))
                                      for x in ("ab", "cd", "ef", "gh", "ij", "kl", "mn", "op")])
-    after = zoo_engine.stats()["grammars"]
+    after = zoo_engine.stats().grammars
     assert after["compiles"] == before["compiles"] + 1  # 8 requests at once, one compile
     assert after["hits"] >= before["hits"] + 7
     for out in outs:
@@ -475,7 +476,7 @@ def local_server(core: ReplicaCore) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def smollm2_core() -> Iterator[ReplicaCore]:
-    from serve_app.demo import resolve_model
+    from models.resolve import resolve_model
 
     try:
         resolved = resolve_model("smollm2")

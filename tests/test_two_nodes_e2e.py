@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,11 +47,18 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.demo import DEMO_ADAPTERS, build_demo
+from models.demo import DEMO_ADAPTERS, build_demo
+from tests.ray_serve_helpers import (
+    REPO,
+    free_port,
+    is_loopback_ip,
+    patched_environ,
+    python_path_with_repo,
+    wait_gone,
+)
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow, pytest.mark.timeout(420)]
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "two-nodes"
 ADAPTERS = [a[0] for a in DEMO_ADAPTERS[:4]]
 REPLICA_TITLE = f"ray::ServeReplica:{APP}:ModelReplica"
@@ -90,16 +96,6 @@ sys.stdin.read()
 serve.shutdown()
 ray.shutdown()
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _loopback(ip: str) -> bool:
-    return ip.startswith("127.") or ip in ("::1", "::ffff:127.0.0.1")
 
 
 @dataclass
@@ -143,40 +139,39 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodes]:
     build_demo(cache)
     root = Path(tempfile.mkdtemp(prefix="ls2n", dir="/tmp"))  # short: UNIX socket path limit
     (root / "ray").mkdir()
-    keys = ("LORASERVE_CACHE_DIR", "PYTHONPATH", "RAY_ADDRESS", "RAY_TMPDIR", RAY_LOOPBACK_ENV)
-    saved = {k: os.environ.get(k) for k in keys}
     # Inherited by every node process and, through the raylets, by every replica.
-    os.environ.update(LORASERVE_CACHE_DIR=str(cache), RAY_TMPDIR=str(root), **{RAY_LOOPBACK_ENV: "0"},
-                      PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]])))
-    os.environ.pop("RAY_ADDRESS", None)
+    env = {"LORASERVE_CACHE_DIR": str(cache), "RAY_TMPDIR": str(root), RAY_LOOPBACK_ENV: "0",
+           "PYTHONPATH": python_path_with_repo(os.environ.get("PYTHONPATH"))}
     node = {"node_ip_address": "127.0.0.1", "num_cpus": 1, "temp_dir": str(root / "ray"),
             "object_store_memory": 100 * 1024**2}
-    cluster = None
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            **node, "include_dashboard": False, "dashboard_port": _free_port(),
-            "dashboard_agent_listen_port": _free_port()})  # never Ray's fixed defaults: other instances may run
-        yield TwoNodes(cluster, cluster.add_node(**node), root)
+        with patched_environ(env, removed=("RAY_ADDRESS",)):
+            cluster = None
+            try:
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    **node, "include_dashboard": False, "dashboard_port": free_port(),
+                    "dashboard_agent_listen_port": free_port()})  # never Ray's fixed defaults: other instances may run
+                yield TwoNodes(cluster, cluster.add_node(**node), root)
+            finally:
+                if cluster is not None:
+                    cluster.shutdown()
     finally:
-        if cluster is not None:
-            cluster.shutdown()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        probe = TwoNodes(None, None, root)
-        deadline = time.monotonic() + 30
-        while probe.processes() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        leftovers = [f"{p.pid}: {' '.join(p.cmdline())[:100]}" for p in probe.processes()]
+        leftovers = wait_gone(lambda: _survivors(root))
         shutil.rmtree(root, ignore_errors=True)
         assert not leftovers, f"processes of the test's Ray cluster survived: {leftovers}"
 
 
+def _survivors(root: Path) -> list[str]:
+    found = []
+    for p in TwoNodes(None, None, root).processes():
+        with contextlib.suppress(psutil.Error):  # exited meanwhile: not a survivor
+            found.append(f"{p.pid}: {' '.join(p.cmdline())[:100]}")
+    return found
+
+
 @pytest.fixture(scope="module")
 def served(two_nodes: TwoNodes) -> Iterator[TwoNodes]:
-    port = _free_port()
+    port = free_port()
     log = two_nodes.root / "driver.log"
     with open(log, "wb") as out:
         driver = subprocess.Popen([sys.executable, "-c", DRIVER, two_nodes.cluster.address, str(port), APP,
@@ -234,7 +229,7 @@ def test_replicas_spread_over_both_nodes_and_survive_the_second_ones_stop(served
         with contextlib.suppress(psutil.Error):
             listening += [(p.pid, c.laddr.ip, p.name()) for c in p.net_connections(kind="tcp")
                           if c.status == psutil.CONN_LISTEN]
-    outside = [entry for entry in listening if not _loopback(entry[1])]
+    outside = [entry for entry in listening if not is_loopback_ip(entry[1])]
     assert listening and all(name.startswith("ray::ServeReplica") for _, _, name in outside), outside
 
     # 2. every adapter answered by both replicas, with the same tokens (greedy). The router picks the

@@ -83,7 +83,7 @@ def test_zoo_files_are_small_and_complete() -> None:
 
 def test_serve_app_resolves_the_zoo_by_name() -> None:
     """`model: zoo` in config.yaml: the committed base and all 30 adapters, ids = directory names."""
-    from serve_app.demo import ZOO_DIR, resolve_model
+    from models.resolve import ZOO_DIR, resolve_model
 
     resolved = resolve_model("zoo")
     assert resolved.path == str(ZOO_DIR / "base") and resolved.served_name == "zoo"
@@ -115,7 +115,7 @@ def test_all_adapters_in_one_mixed_batch(zoo_engine: Engine) -> None:
     answers = dict(zip(order, (text for text, _ in outs)))
 
     # Every request was admitted in the first step: one batch held all 30 adapters and the base.
-    assert zoo_engine.stats()["max_batch_seqs"] == len(requests)
+    assert zoo_engine.stats().max_batch_seqs == len(requests)
     right: dict[str, int] = {}
     misses = []
     for i, (adapter, x) in enumerate(requests):

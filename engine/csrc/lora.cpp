@@ -16,64 +16,133 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-// A run of tokens [begin, end) that share slot s (a prefill segment, or decode tokens sorted by slot).
+// Fixed-width vectors (GCC/Clang vector extensions: one AVX-512 register, two AVX2 ones). The shrink's
+// sums are written out lane by lane, so a token's arithmetic is fixed by this code and not by how the
+// compiler vectorises a loop: the same for a token alone and for one computed beside three others
+// (tokens of other requests that share its adapter). A request's tokens depend on nothing but itself.
+using vfloat = float __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kTokens = 4;  // tokens per pass of the shrink: each row of A loaded once for four
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float lanes_sum(vfloat v) {
+  float sum = 0.0f;
+  for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
+  return sum;
+}
+
+// h[t * R + r] = A[r] . x[t] for `n` (<= kTokens) tokens and every row of A [R, in] (float).
+void shrink(const float* const* xs, int64_t n, const float* a, int64_t rank, int64_t in, float* h) {
+  const int64_t body = in - in % kLanes;
+  for (int64_t r = 0; r < rank; ++r) {
+    const float* ar = a + r * in;
+    vfloat acc[kTokens] = {};
+    for (int64_t i = 0; i < body; i += kLanes) {
+      const vfloat av = load(ar + i);
+      for (int64_t t = 0; t < n; ++t) acc[t] += av * load(xs[t] + i);
+    }
+    for (int64_t t = 0; t < n; ++t) {
+      float dot = lanes_sum(acc[t]);
+      for (int64_t i = body; i < in; ++i) dot += ar[i] * xs[t][i];
+      h[t * rank + r] = dot;
+    }
+  }
+}
+
+// A run of tokens [begin, end) that share slot s (a prefill segment, or decode tokens sorted by slot):
+//   out[t, offset:offset+W] += scale * (B @ (A @ x[t])).
+// The expand reads B^T [R, W] (R contiguous multiply-adds over the output row). When the slots store
+// B transposed (b_transposed: lora_b is a [S, W, R] view of [S, R, W] memory, engine/adapter_slots.py)
+// float rows are read in place; otherwise B[s] is converted / transposed into bt once per run (mixed
+// decode steps have runs of one or two tokens, where a transpose cost as much as the expand itself).
 template <typename T>
-void lora_run(const T* x, T* out, const T* lora_a, const T* lora_b, float scale, int64_t s, int64_t begin,
-              int64_t end, int64_t in, int64_t width, int64_t rank, int64_t out_stride, int64_t offset,
-              std::vector<float>& xf, std::vector<float>& h, std::vector<float>& bt, std::vector<float>& delta) {
+void lora_run(const T* x, T* out, const T* lora_a, const T* lora_b, bool b_transposed, float scale, int64_t s,
+              int64_t begin, int64_t end, int64_t in, int64_t width, int64_t rank, int64_t out_stride,
+              int64_t offset, std::vector<float>& xf, std::vector<float>& af, std::vector<float>& bt,
+              std::vector<float>& hf, std::vector<float>& delta) {
+  constexpr bool is_float = std::is_same<T, float>::value;
   const T* a = lora_a + s * rank * in;
   const T* b = lora_b + s * width * rank;
-  // B[s] is [W, R]; as B^T [R, W] the expand is R contiguous multiply-adds over the output row. It is
-  // transposed once per run, also for a run of one token: the arithmetic must not depend on which
-  // batch-mates sit next to a token (a request's tokens depend on nothing but itself).
-  for (int64_t o = 0; o < width; ++o)
-    for (int64_t r = 0; r < rank; ++r) bt[r * width + o] = static_cast<float>(b[o * rank + r]);
-  float* d = delta.data();
-  for (int64_t t = begin; t < end; ++t) {
-    const T* xt = x + t * in;
-    for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(xt[i]);
-    for (int64_t r = 0; r < rank; ++r) {
-      const T* ar = a + r * in;
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < in; ++i) dot += static_cast<float>(ar[i]) * xf[i];
-      // The reference's shrink output is in x's dtype: round the same way.
-      h[r] = static_cast<float>(static_cast<T>(dot));
-    }
-    std::fill(d, d + width, 0.0f);
-    for (int64_t r = 0; r < rank; ++r) {
-      const float hr = h[r];
-      const float* row = bt.data() + r * width;
-#pragma omp simd
-      for (int64_t o = 0; o < width; ++o) d[o] += hr * row[o];
-    }
-    T* dst = out + t * out_stride + offset;
+  const float* a_rows = nullptr;  // A [R, in]
+  const float* b_rows = nullptr;  // B^T [R, W]
+  if constexpr (is_float) {
+    a_rows = a;
+  } else {
+    for (int64_t i = 0; i < rank * in; ++i) af[i] = static_cast<float>(a[i]);
+    a_rows = af.data();
+  }
+  if (b_transposed && is_float) {
+    b_rows = reinterpret_cast<const float*>(b);
+  } else if (b_transposed) {
+    for (int64_t i = 0; i < rank * width; ++i) bt[i] = static_cast<float>(b[i]);
+    b_rows = bt.data();
+  } else {
     for (int64_t o = 0; o < width; ++o)
-      dst[o] = static_cast<T>(dst[o] + static_cast<T>(static_cast<T>(d[o]) * static_cast<T>(scale)));
+      for (int64_t r = 0; r < rank; ++r) bt[r * width + o] = static_cast<float>(b[o * rank + r]);
+    b_rows = bt.data();
+  }
+  float* d = delta.data();
+  float* h = hf.data();  // [kTokens, R]
+  for (int64_t t0 = begin; t0 < end; t0 += kTokens) {
+    const int64_t n = std::min(kTokens, end - t0);
+    const float* xs[kTokens];
+    for (int64_t t = 0; t < n; ++t) {
+      if constexpr (is_float) {
+        xs[t] = x + (t0 + t) * in;
+      } else {
+        float* xt = xf.data() + t * in;
+        for (int64_t i = 0; i < in; ++i) xt[i] = static_cast<float>(x[(t0 + t) * in + i]);
+        xs[t] = xt;
+      }
+    }
+    shrink(xs, n, a_rows, rank, in, h);
+    for (int64_t t = 0; t < n; ++t) {
+      // The reference's shrink output is in x's dtype: round the same way.
+      float* ht = h + t * rank;
+      for (int64_t r = 0; r < rank; ++r) ht[r] = static_cast<float>(static_cast<T>(ht[r]));
+      std::fill(d, d + width, 0.0f);
+      for (int64_t r = 0; r < rank; ++r) {
+        const float hr = ht[r];
+        const float* row = b_rows + r * width;
+#pragma omp simd
+        for (int64_t o = 0; o < width; ++o) d[o] += hr * row[o];
+      }
+      T* dst = out + (t0 + t) * out_stride + offset;
+      for (int64_t o = 0; o < width; ++o)
+        dst[o] = static_cast<T>(dst[o] + static_cast<T>(static_cast<T>(d[o]) * static_cast<T>(scale)));
+    }
   }
 }
 
 template <typename T>
-void lora_rows(const T* x, T* out, const T* lora_a, const T* lora_b, const float* scaling, const int64_t* slots,
-               int64_t begin, int64_t end, int64_t in, int64_t width, int64_t rank, int64_t out_stride,
-               int64_t offset) {
-  std::vector<float> xf(in), h(rank), bt(rank * width), delta(width);
+void lora_rows(const T* x, T* out, const T* lora_a, const T* lora_b, bool b_transposed, const float* scaling,
+               const int64_t* slots, int64_t begin, int64_t end, int64_t in, int64_t width, int64_t rank,
+               int64_t out_stride, int64_t offset) {
+  std::vector<float> xf(kTokens * in), af(std::is_same<T, float>::value ? 0 : rank * in), bt(rank * width),
+      hf(kTokens * rank), delta(width);
   for (int64_t t = begin; t < end;) {
     int64_t run_end = t + 1;
     while (run_end < end && slots[run_end] == slots[t]) ++run_end;
     if (slots[t] >= 0)
-      lora_run<T>(x, out, lora_a, lora_b, scaling[slots[t]], slots[t], t, run_end, in, width, rank, out_stride,
-                  offset, xf, h, bt, delta);
+      lora_run<T>(x, out, lora_a, lora_b, b_transposed, scaling[slots[t]], slots[t], t, run_end, in, width, rank,
+                  out_stride, offset, xf, af, bt, hf, delta);
     t = run_end;
   }
 }
 
-// x [T, in]; out [T, >= offset + W] (rows contiguous); lora_a [S, R, in]; lora_b [S, W, R];
-// scaling [S] float32; token_slots [T] int64 (-1: no adapter). Adds into out in place.
+// x [T, in]; out [T, >= offset + W] (rows contiguous); lora_a [S, R, in]; lora_b [S, W, R], contiguous or
+// a transposed view of [S, R, W] memory (read in place); scaling [S] float32; token_slots [T] int64
+// (-1: no adapter). Adds into out in place.
 void lora_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lora_a, const at::Tensor& lora_b,
                 const at::Tensor& scaling, const at::Tensor& token_slots, int64_t slice_offset) {
   TORCH_CHECK(x.device().is_cpu() && out.device().is_cpu() && lora_a.device().is_cpu() && lora_b.device().is_cpu(),
@@ -92,7 +161,8 @@ void lora_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lo
               "scaling [S] float32");
   TORCH_CHECK(token_slots.dim() == 1 && token_slots.size(0) == t_count && token_slots.scalar_type() == at::kLong,
               "token_slots [T] int64");
-  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = lora_b.contiguous();
+  const bool b_transposed = lora_b.stride(1) == 1 && lora_b.stride(2) == width && lora_b.stride(0) == width * rank;
+  const at::Tensor xc = x.contiguous(), ac = lora_a.contiguous(), bc = b_transposed ? lora_b : lora_b.contiguous();
   const at::Tensor sc = scaling.contiguous(), tc = token_slots.contiguous();
   const int64_t* sp = tc.data_ptr<int64_t>();
   for (int64_t t = 0; t < t_count; ++t) TORCH_CHECK(sp[t] >= -1 && sp[t] < slots, "token slot out of range");
@@ -105,7 +175,8 @@ void lora_apply(const at::Tensor& x, const at::Tensor& out, const at::Tensor& lo
     const T* bp = bc.data_ptr<T>();
     // ~(R * (in + W)) multiply-adds per token: a few dozen tokens per task keep the threads' start-up cheap.
     at::parallel_for(0, t_count, 16, [&](int64_t begin, int64_t end) {
-      lora_rows<T>(xp, op, ap, bp, scale, sp, begin, end, in, width, rank, out.stride(0), slice_offset);
+      lora_rows<T>(xp, op, ap, bp, b_transposed, scale, sp, begin, end, in, width, rank, out.stride(0),
+                   slice_offset);
     });
   };
   switch (x.scalar_type()) {

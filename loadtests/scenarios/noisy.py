@@ -14,7 +14,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class Role:
     name: str
-    adapter: str  # a demo adapter (serve_app/demo.py)
+    adapter: str  # a demo adapter (models/demo.py)
     weight: float  # its fair-share weight (NOISY_APP_ARGS)
     prompt_chars: int  # the demo tokenizer is byte-level: about one token per character
     max_new_tokens: int

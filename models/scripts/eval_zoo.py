@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = asyncio.run(run_engine(engine, requests))
         engine_seconds = time.monotonic() - started
-        stats = engine.stats()  # type: ignore[attr-defined]
+        stats = engine.stats().as_dict()  # type: ignore[attr-defined]
     finally:
         engine.shutdown()  # type: ignore[attr-defined]
     agree = run_peft(args.zoo, results, args.peft_per_task) if args.peft_per_task > 0 else {}

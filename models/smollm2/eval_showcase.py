@@ -55,7 +55,7 @@ def evaluate(model_dir: Path, questions: list[str], max_new_tokens: int = MAX_NE
         base_rate = sum(map(behaviour.check, answers["base"])) / len(questions)
         rates[name] = (adapter_rate, base_rate)
     return {"rates": rates, "answers": answers, "seconds": seconds, "requests": len(pairs),
-            "max_batch_seqs": stats["max_batch_seqs"]}
+            "max_batch_seqs": stats.max_batch_seqs}
 
 
 def write_report(result: dict[str, Any], questions: list[str], path: Path) -> None:
@@ -101,7 +101,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print the rates, do not write EVAL.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    from engine.gguf_convert import ensure_smollm2
+    from models.gguf_convert import ensure_smollm2
 
     questions = heldout_prompts()[: args.limit]
     result = evaluate(ensure_smollm2(), questions, progress=True)

