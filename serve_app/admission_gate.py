@@ -37,6 +37,7 @@ from serve_app.engine_request import EngineRequest
 from serve_app.errors import ErrorInfo
 
 DEFAULT_HOLD_S = 0.25
+MAX_HOLD_S = 60.0  # Retry-After's own upper bound (engine/adapter_queues.py RETRY_AFTER_RANGE_S)
 MAX_CLOSED_GATES = 4096
 BASE_KEY = ""  # the gate key of requests for the base model
 
@@ -48,15 +49,23 @@ class _Closed:
     info: ErrorInfo
 
 
+def check_hold_s(value: object) -> float:
+    """`refusal_hold_s` as a float, or ValueError naming the setting and its range (settings and the
+    gate both use this one check)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_HOLD_S:
+        raise ValueError(f"refusal_hold_s must be a number of seconds in [0, {MAX_HOLD_S:g}], got {value!r}")
+    return float(value)
+
+
 class AdmissionGate:
     """Per-adapter memory of the replicas' refusals (see the module docstring). Not thread-safe: the
     ingress calls it from its one event loop."""
 
     def __init__(self, hold_s: float = DEFAULT_HOLD_S, max_adapters: int = MAX_CLOSED_GATES,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if hold_s < 0 or max_adapters < 1:
-            raise ValueError(f"hold_s must be >= 0 and max_adapters >= 1, got {hold_s}, {max_adapters}")
-        self.hold_s = hold_s
+        if max_adapters < 1:
+            raise ValueError(f"max_adapters must be >= 1, got {max_adapters}")
+        self.hold_s = check_hold_s(hold_s)
         self.max_adapters = max_adapters
         self._clock = clock
         self._closed: OrderedDict[str, _Closed] = OrderedDict()

@@ -66,7 +66,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from engine import DTYPES, AdapterSpec, EngineConfig, parse_adapter_weights
 from serve_app.admin import AdminConfig, resolve_admin_token
-from serve_app.admission_gate import DEFAULT_HOLD_S
+from serve_app.admission_gate import DEFAULT_HOLD_S, check_hold_s
 from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0  # `request_timeout_s`: see the module docstring
@@ -273,9 +273,7 @@ class AppSettings:
         timeout = kwargs.get("request_timeout_s", DEFAULT_REQUEST_TIMEOUT_S)
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout < float("inf"):
             raise ValueError(f"request_timeout_s must be a positive number of seconds, got {timeout!r}")
-        hold = kwargs.get("refusal_hold_s", DEFAULT_HOLD_S)
-        if isinstance(hold, bool) or not isinstance(hold, int | float) or not 0 <= hold <= 60:
-            raise ValueError(f"refusal_hold_s must be a number of seconds in [0, 60], got {hold!r}")
+        check_hold_s(kwargs.get("refusal_hold_s", DEFAULT_HOLD_S))
         settings = AppSettings(adapters=parse_adapters(adapters_value), engine=engine, **kwargs)
         # Fail here, in the builder, rather than in every replica's constructor.
         try:

@@ -60,8 +60,10 @@ def make_core(demo_dir: Path, **overrides: Any) -> ReplicaCore:
     return ReplicaCore(config, "demo")
 
 
-def client(core: ReplicaCore) -> httpx.AsyncClient:
-    transport = httpx.ASGITransport(app=create_app(LocalBackend(core)))
+def client(core: ReplicaCore, gate: AdmissionGate | None = None) -> httpx.AsyncClient:
+    """The ingress's HTTP app over `core`; with `gate`, behind the ingress's admission gate."""
+    backend = LocalBackend(core)
+    transport = httpx.ASGITransport(app=create_app(backend if gate is None else GatedBackend(backend, gate)))
     return httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60)
 
 
@@ -201,9 +203,7 @@ def test_ingress_answers_the_flood_itself_after_the_first_refusal(demo_dir: Path
         pending = [asyncio.ensure_future(q.__anext__()) for q in queued]
         try:
             await until(lambda: in_engine(core, FLOOD) == (2, PER_ADAPTER_BOUND), "A holds 2 seats and 3 waiting")
-            app = create_app(GatedBackend(LocalBackend(core), gate))
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test",
-                                         timeout=60) as http:
+            async with client(core, gate) as http:
                 answers = [await http.post("/generate", json=tgi_body(FLOOD, 8, f"flood {i}")) for i in range(4)]
                 answers.append(await http.post("/generate_stream", json=tgi_body(FLOOD, 8, "flood s")))
                 answers.append(await http.post("/v1/completions", json={"model": FLOOD, "prompt": "f", "max_tokens": 8}))
