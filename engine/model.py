@@ -18,6 +18,7 @@ from torch import nn
 from engine import cpu_linear
 from engine.attention import AttentionBatch, KVCache, paged_attention
 from engine.model_arch import ModelArch
+from engine.pointwise import TORCH, Pointwise
 from kernels.lora_ops import LoraBatch
 
 # Fused projection -> the LoRA target modules it holds, in column order.
@@ -78,13 +79,6 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
     return inv
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos/sin [T, D] (rotate-half layout, as Hugging Face Llama)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -92,10 +86,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return TORCH.rms_norm(x, self.weight, self.eps)
 
 
 class LoraLinear(nn.Module):
@@ -154,27 +145,33 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn: AttentionBatch,
         kv: KVCache,
         lora: LoraContext | None,
-    ) -> torch.Tensor:
+        pw: Pointwise,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, residual) -> (this layer's MLP output, the residual stream before it).
+
+        The residual add is left to the next norm (`add_rms_norm`, vLLM's layout), so the sum and the
+        norm are one pass; the first layer has no residual yet, and CausalLM adds the last one.
+        """
         a = self.arch
         t = x.shape[0]
-        residual = x
-        hidden = self.input_layernorm(x)
+        ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            hidden, residual = pw.rms_norm(x, ln1.weight, ln1.eps), x
+        else:
+            hidden, residual = pw.add_rms_norm(x, residual, ln1.weight, ln1.eps)
         qkv = self.qkv_proj(hidden, lora, self.index)
-        q, k, v = qkv.split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-        q = apply_rope(q.reshape(t, a.num_heads, a.head_dim), cos, sin)
-        k = apply_rope(k.reshape(t, a.num_kv_heads, a.head_dim), cos, sin)
-        v = v.reshape(t, a.num_kv_heads, a.head_dim)
+        q, k = pw.rope_qk(qkv, cos, sin, a.num_heads, a.num_kv_heads, a.head_dim)
+        v = qkv[:, a.q_size + a.kv_size :].reshape(t, a.num_kv_heads, a.head_dim)
         ctx = paged_attention(q, k, v, kv, self.index, attn, a.head_dim**-0.5, a.sliding_window)
-        x = residual + self.o_proj(ctx.reshape(t, a.q_size), lora, self.index)
-        residual = x
-        hidden = self.post_attention_layernorm(x)
-        gate, up = self.gate_up_proj(hidden, lora, self.index).split(a.intermediate_size, dim=-1)
-        return residual + self.down_proj(F.silu(gate) * up, lora, self.index)
+        hidden, residual = pw.add_rms_norm(self.o_proj(ctx.reshape(t, a.q_size), lora, self.index), residual,
+                                           ln2.weight, ln2.eps)
+        return self.down_proj(pw.silu_mul(self.gate_up_proj(hidden, lora, self.index)), lora, self.index), residual
 
 
 class CausalLM(nn.Module):
@@ -188,6 +185,9 @@ class CausalLM(nn.Module):
         self.lm_head_weight: torch.Tensor | None = None  # None when tied to the embedding
         self.lm_head_packed: torch.Tensor | None = None  # oneDNN's copy (pack_linears_for_cpu)
         self.register_buffer("inv_freq", rope_inv_freq(arch), persistent=False)
+        # The layers' norms, rotary embedding and SiLU: the torch reference unless the engine picks the
+        # native CPU ops (engine.cpu_pointwise.for_device).
+        self.pointwise: Pointwise = TORCH
 
     @property
     def lm_head(self) -> torch.Tensor:
@@ -201,9 +201,12 @@ class CausalLM(nn.Module):
         freqs = attn.positions.float().unsqueeze(1) * self.inv_freq.unsqueeze(0)
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn, kv, lora)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, attn, kv, lora, self.pointwise)
+        if residual is None:  # no layers
+            return self.pointwise.rms_norm(x, self.norm.weight, self.norm.eps)
+        return self.pointwise.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def pack_linears_for_cpu(self) -> None:
         """Every projection and the LM head through oneDNN with packed weights (see engine.cpu_linear).

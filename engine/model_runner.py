@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine import cpu_linear, cpu_lora
+from engine import cpu_linear, cpu_lora, cpu_pointwise
 from engine.adapter_slots import AdapterSlots
 from engine.attention import (
     AttentionBatch,
@@ -75,13 +75,15 @@ class ModelRunner:
         self.slots = slots
         self.device = torch.device(device)
         # The CPU fast path is decided once per engine (the native ops build, or load from their cache,
-        # here and not mid-step): native LoRA, native attention, oneDNN linears; each has a torch path.
+        # here and not mid-step): native LoRA, native attention, native pointwise ops, oneDNN linears; each
+        # has a torch path.
         self.lora_ops = cpu_lora.for_device(lora_ops, self.device)
         self.attention_backend = attention_backend_for(attention_backend, self.device)
         self.native_attention = self.attention_backend == "native"
         self.onednn_linear = cpu_linear.use_onednn(self.device, model.embed_tokens.weight.dtype)
         if self.onednn_linear:
             model.pack_linears_for_cpu()
+        model.pointwise = cpu_pointwise.for_device(self.device, model.embed_tokens.weight.dtype)
         self.grammar_masks = MaskFiller()
         max_blocks = blocks.blocks_for(max_model_len)
         self.inputs = InputBatch(blocks, self.device, max_num_seqs, max_blocks)

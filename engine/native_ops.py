@@ -1,7 +1,8 @@
 """The engine's native CPU ops (engine/csrc/*.cpp): compiled once per machine, loaded on first use.
 
-Two ops, both registered under `torch.ops.loraserve`: `paged_attention` (engine.cpu_attention) and
-`lora_apply` (engine.cpu_lora). They are compiled with `torch.utils.cpp_extension` (ninja) and the
+Registered under `torch.ops.loraserve`: `paged_attention` (engine.cpu_attention), `lora_apply`
+(engine.cpu_lora), and the layer's pointwise ops `rms_norm`, `add_rms_norm`, `rope_qk`, `silu_mul`
+(engine.cpu_pointwise). They are compiled with `torch.utils.cpp_extension` (ninja) and the
 machine's own compiler, tuned for this CPU (-march=native; the build directory's name carries the
 CPU's identity), the first time an engine needs them, into $TORCH_EXTENSIONS_DIR or else
 $XDG_CACHE_HOME/loraserve/torch_extensions (~/.cache/loraserve/torch_extensions), under a file lock
@@ -27,10 +28,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.cpp", Path(__file__).parent / "csrc" / "lora.cpp")
+SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora.cpp", "pointwise.cpp"))
 NATIVE_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-march=native")
 
-# What a build returns: the op namespace (`.paged_attention`, `.lora_apply`).
+# What a build returns: the op namespace (`.paged_attention`, `.lora_apply`, `.rms_norm`, ...).
 Library = Any
 Builder = Callable[[tuple[str, ...]], Library]
 

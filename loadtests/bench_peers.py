@@ -181,6 +181,7 @@ def run_engine(base: Path, adapters: dict[str, Path], cases: list[Case], slots: 
         adapters=tuple(AdapterSpec(name, str(path)) for name, path in adapters.items()),
         kv_cache_bytes=kv_cache_gib * GIB, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
         max_queue_wait_s=None,  # a benchmark batch may queue longer than a served request should
+        enable_prefix_caching=False,  # as vLLM's side runs: no case may reuse another's prompt K/V
     )
     engine = Engine(config)
     try:

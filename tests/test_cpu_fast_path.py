@@ -13,6 +13,8 @@ the oneDNN linears (engine/cpu_linear.py).
 - packed oneDNN linears equal F.linear to float32 rounding, and a packed model gives the same logits;
 - LORASERVE_CPU_ATTENTION / LORASERVE_CPU_LINEAR pick the paths; a failed build falls back to torch
   with the reason logged, and a forced native path fails loudly instead;
+- the native pointwise ops (norms, rotary, SiLU) give a model the same logits as the reference
+  (engine/pointwise.py; the ops themselves: tests/test_pointwise.py);
 - engine greedy tokens equal transformers + PEFT with the fast path forced on (mixed adapters in all
   three families, preemption with recompute, a Mistral with an active sliding window).
 """
@@ -31,7 +33,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from engine import cpu_attention, cpu_linear, cpu_lora, native_ops
+from engine import cpu_attention, cpu_linear, cpu_lora, cpu_pointwise, native_ops
 from engine.attention import (
     AttentionBatch,
     DecodeGroup,
@@ -45,6 +47,7 @@ from engine.attention import (
 from engine.block_manager import BlockManager
 from engine.model import CausalLM
 from engine.model_arch import ModelArch
+from engine.pointwise import TORCH as TORCH_POINTWISE
 from kernels.lora_ops import LoraBatch, LoraOps
 from models.synthetic import build_adapter, build_model
 from tests.helpers import PeftOracle, TinyFamily, make_engine, random_prompts, run_requests
@@ -461,6 +464,25 @@ def test_a_packed_model_gives_the_same_logits(families: dict[str, TinyFamily]) -
     torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
 
 
+@needs_native
+def test_native_pointwise_ops_give_the_same_logits(families: dict[str, TinyFamily], library: native_ops.Library) -> None:
+    from engine.model_loader import load_causal_lm
+
+    fam = families["qwen2"]  # q/k/v biases: the rotary op reads the biased projection
+    arch = ModelArch.from_hf_config(AutoConfig.from_pretrained(str(fam.base)))
+    model = load_causal_lm(fam.base, arch, torch.float32, "cpu")
+    step = make_step(seed=9, num_kv_heads=arch.num_kv_heads, group=arch.num_heads // arch.num_kv_heads,
+                     head_dim=arch.head_dim, decode_lens=[], prefills=[(0, 11)])
+    ids = torch.randint(0, arch.vocab_size, (11,), generator=torch.Generator().manual_seed(1))
+    outs = []
+    for pointwise in (TORCH_POINTWISE, cpu_pointwise.NativePointwise(library)):
+        model.pointwise = pointwise
+        kv = KVCache(arch.num_layers, step.kv.num_blocks, step.kv.block_size, arch.num_kv_heads, arch.head_dim,
+                     torch.float32, "cpu")
+        outs.append(model.logits(model(ids, step.torch_batch, kv, None)))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
+
+
 def test_linear_mode_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cpu_linear.MODE_ENV, "torch")
     assert cpu_linear.use_onednn("cpu", torch.float32) is False
@@ -495,10 +517,12 @@ def test_engine_native_mixed_batch_matches_peft(
     family: str, families: dict[str, TinyFamily], oracles: dict[str, PeftOracle], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(cpu_attention.MODE_ENV, "native")
+    monkeypatch.setenv(cpu_pointwise.MODE_ENV, "native")
     fam, oracle = families[family], oracles[family]
     engine = make_engine(fam)
     try:
         assert engine.runner.native_attention and engine.runner.lora_ops.backend == "native"
+        assert engine.runner.model.pointwise.backend == "native"
         assert engine.runner.onednn_linear == torch.backends.mkldnn.is_available()
         requests = mixed_requests(fam, 20, seed=len(family))
         got = asyncio.run(run_requests(engine, requests, NEW_TOKENS))
@@ -515,6 +539,7 @@ def test_engine_native_preemption_and_small_blocks_match_peft(
     families: dict[str, TinyFamily], oracles: dict[str, PeftOracle], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(cpu_attention.MODE_ENV, "native")
+    monkeypatch.setenv(cpu_pointwise.MODE_ENV, "native")
     fam, oracle = families["llama"], oracles["llama"]
     engine = make_engine(fam, num_kv_blocks=20, block_size=8, max_num_batched_tokens=64)
     try:
@@ -546,11 +571,13 @@ def test_engine_sliding_window_matches_transformers(
     path: str, windowed_mistral: TinyFamily, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(cpu_attention.MODE_ENV, path)
+    monkeypatch.setenv(cpu_pointwise.MODE_ENV, path)
     oracle = PeftOracle(windowed_mistral)
     engine = make_engine(windowed_mistral)
     try:
         assert engine.arch.sliding_window == 8
         assert engine.runner.native_attention == (path == "native")
+        assert engine.runner.model.pointwise.backend == path
         requests = [(p, a) for p, a in zip(random_prompts(8, 21, 12, 30), [None, "qv"] * 4)]
         got = asyncio.run(run_requests(engine, requests, NEW_TOKENS))
         for (prompt, adapter), tokens in zip(requests, got):
