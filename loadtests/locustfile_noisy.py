@@ -14,6 +14,7 @@ not wait for Retry-After: it keeps sending at its rate, as a misbehaving client 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from typing import Any
@@ -35,6 +36,7 @@ WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "w
          "hex", "bad", "jugglers"]
 ROLE = {r.name: r for r in ROLES}
 _started: list[float] = []  # when the test started (the runner's phases count from the same moment)
+_user_ids = itertools.count(1)
 
 
 def duration_s() -> float:
@@ -62,13 +64,18 @@ class NoisyUser(LoraUser):
 
     def on_start(self) -> None:
         self._n = 0
+        self._uid = next(_user_ids)
 
     def pick_adapter(self) -> str:
         return self.role.adapter
 
     def pick_prompt(self) -> str:
+        """A prompt no other request sends: every user walks the same 1,009 texts, and a repeated prompt
+        is served from the prefix cache, so a flood of "long prompts" would cost no prefill at all
+        (and, since cached tokens are not charged, too little service to stay backlogged)."""
         self._n += 1
-        return text_of(self.role.prompt_chars, self._n)
+        tag = f"{self._uid}.{self._n} "
+        return tag + text_of(self.role.prompt_chars - len(tag), self._n)
 
     def pick_max_new_tokens(self) -> int:
         return self.role.max_new_tokens

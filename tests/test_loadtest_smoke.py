@@ -70,3 +70,20 @@ def test_report_from_synthetic_events(tmp_path: Path) -> None:
     for name in ("requests_per_s.png", "latency.png", "ttft.png", "errors.png", "replicas.png",
                  "adapter_latency.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_peer_benchmark_rounds_interleave_and_report_medians() -> None:
+    from loadtests.bench_peers import QUICK_WORKLOADS, CaseResult, median_tps, round_name, throughput_cases
+
+    cases = throughput_cases(QUICK_WORKLOADS, n_adapters=4, vocab=400, rounds=3)
+    names = [c.name for c in cases]
+    assert names[0] == "warm-up" and not cases[0].timed and all(c.timed for c in cases[1:])
+    assert len(names) == len(set(names)) == 1 + 3 * 2 * len(QUICK_WORKLOADS)
+    # Round after round, every workload's base and mixed case in each round; the first round keeps plain names.
+    assert names[1:5] == ["issue-14: base only", "issue-14: mixed", "decode-heavy: base only", "decode-heavy: mixed"]
+    assert names[5] == round_name("issue-14: base only", 1) == "issue-14: base only (round 2)"
+    # Every round runs the same requests: only the timing may differ.
+    assert cases[1].work == cases[5].work and cases[2].adapters == cases[6].adapters
+    results = {round_name("w: base only", r): CaseResult(tps, []) for r, tps in enumerate([300.0, 100.0, 250.0])}
+    assert median_tps(results, "w: base only", 3) == 250.0
+    assert median_tps(results, "w: base only", 1) == 300.0

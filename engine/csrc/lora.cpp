@@ -28,6 +28,7 @@ namespace {
 using vfloat = float __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTokens = 4;  // tokens per pass of the shrink: each row of A loaded once for four
+constexpr int64_t kPrefetchRuns = 2;  // slot runs whose weights are prefetched ahead of the one computing
 
 inline vfloat load(const float* p) {
   vfloat v;
@@ -124,15 +125,35 @@ void lora_run(const T* x, T* out, const T* lora_a, const T* lora_b, bool b_trans
   }
 }
 
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 2);
+}
+
 template <typename T>
 void lora_rows(const T* x, T* out, const T* lora_a, const T* lora_b, bool b_transposed, const float* scaling,
                const int64_t* slots, int64_t begin, int64_t end, int64_t in, int64_t width, int64_t rank,
                int64_t out_stride, int64_t offset) {
   std::vector<float> xf(kTokens * in), af(std::is_same<T, float>::value ? 0 : rank * in), bt(rank * width),
       hf(kTokens * rank), delta(width);
+  // Mixed decode steps have runs of one or two tokens, each with its own adapter's A and B (tens of
+  // KB, in memory nobody touched since the last step): a cursor walks kPrefetchRuns runs ahead of the
+  // one computing and prefetches their weights (the first ones before any computing starts).
+  int64_t ahead = begin;  // the first token of the next run to prefetch
+  auto prefetch_next_run = [&]() {
+    if (ahead >= end) return;
+    const int64_t s = slots[ahead];
+    while (ahead < end && slots[ahead] == s) ++ahead;
+    if (s >= 0) {
+      prefetch_bytes(lora_a + s * rank * in, rank * in * static_cast<int64_t>(sizeof(T)));
+      prefetch_bytes(lora_b + s * width * rank, rank * width * static_cast<int64_t>(sizeof(T)));
+    }
+  };
+  for (int64_t i = 0; i < kPrefetchRuns; ++i) prefetch_next_run();
   for (int64_t t = begin; t < end;) {
     int64_t run_end = t + 1;
     while (run_end < end && slots[run_end] == slots[t]) ++run_end;
+    prefetch_next_run();
     if (slots[t] >= 0)
       lora_run<T>(x, out, lora_a, lora_b, b_transposed, scaling[slots[t]], slots[t], t, run_end, in, width, rank,
                   out_stride, offset, xf, af, bt, hf, delta);
