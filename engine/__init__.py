@@ -19,6 +19,7 @@ from engine.errors import (
     RequestTimeoutError,
     UnknownAdapterError,
 )
+from engine.openmp_env import missing as missing_openmp_env
 from engine.outputs import RequestOutput, TokenInfo, merge_outputs
 from engine.sampling_params import (
     MAX_GRAMMAR_CHARS,
@@ -56,5 +57,6 @@ __all__ = [
     "UnknownAdapterError",
     "check_source",
     "merge_outputs",
+    "missing_openmp_env",
     "parse_adapter_weights",
 ]

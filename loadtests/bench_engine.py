@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine import AdapterSpec, Engine, EngineConfig, SamplingParams
+from engine import AdapterSpec, Engine, EngineConfig, SamplingParams, openmp_env
 from loadtests.op_profile import OpProfile, profiled, side_by_side
 from models.synthetic import build_adapter, build_model
 
@@ -144,6 +144,7 @@ def main() -> None:
                     help="time every torch op over each engine case and print the cases side by side "
                          "(loadtests/op_profile.py); the profiler's overhead lowers every case's tokens/s")
     args = ap.parse_args()
+    openmp_env.reexec_with_defaults("loadtests.bench_engine")  # before the engine's first OpenMP region (engine/openmp_env.py)
     torch.manual_seed(0)
 
     shape = QUICK_SHAPE if args.quick else SMOLLM2_SHAPE

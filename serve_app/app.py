@@ -16,6 +16,7 @@ from typing import Any
 
 from ray.serve import Application
 
+from engine import missing_openmp_env
 from models.resolve import resolve_model
 from serve_app.deployments import Ingress, ModelReplica
 from serve_app.settings import AppSettings, engine_config_to_dict
@@ -76,6 +77,12 @@ def deployment_options(settings: AppSettings, max_num_seqs: int, max_waiting: in
     cuda = settings.device.startswith("cuda")
     gpus = settings.replica_num_gpus if settings.replica_num_gpus is not None else (1.0 if cuda else 0.0)
     actor: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
+    # The engine's step thread and the replica's own thread both run OpenMP: without these libgomp
+    # puts idle workers to sleep after each parallel region (engine/openmp_env.py). A value the
+    # environment already sets (inherited by the workers) is kept.
+    omp = missing_openmp_env()
+    if omp and not cuda:
+        actor["runtime_env"] = {"env_vars": omp}
     if gpus:
         actor["num_gpus"] = gpus
     ongoing = settings.max_ongoing_requests or (max_num_seqs + max_waiting + waiting_slack + CONTROL_SLACK)

@@ -507,8 +507,17 @@ def test_deployment_options_and_builder(demo_dir: Path, monkeypatch: pytest.Monk
     from serve_app.app import build_app, deployment_options
 
     cpu = AppSettings.from_args({"max_num_seqs": 8, "max_waiting": 32}, env={})
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)
     model, ingress = deployment_options(cpu, 8, 32)
-    assert model["ray_actor_options"] == {"num_cpus": 1.0} and model["num_replicas"] == 1
+    # The engine's OpenMP defaults reach the replica processes (engine/openmp_env.py) ...
+    assert model["ray_actor_options"] == {
+        "num_cpus": 1.0, "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "200000"}}}
+    assert model["num_replicas"] == 1
+    # ... unless the environment sets them itself (the workers inherit it).
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    assert deployment_options(cpu, 8, 32)[0]["ray_actor_options"] == {"num_cpus": 1.0}
     assert model["max_ongoing_requests"] >= 8 + 32 and model["max_queued_requests"] == 32
     assert ingress["ray_actor_options"] == {"num_cpus": 0} and ingress["max_ongoing_requests"] >= 40
     gpu = AppSettings.from_args({"device": "cuda", "model_replicas": 2}, env={})

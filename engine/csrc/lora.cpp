@@ -28,6 +28,7 @@ namespace {
 using vfloat = float __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
 constexpr int64_t kTokens = 4;  // tokens per pass of the shrink: each row of A loaded once for four
+constexpr int64_t kExpandBlock = 4 * kLanes;  // output columns the expand keeps in registers at once
 constexpr int64_t kPrefetchRuns = 2;  // slot runs whose weights are prefetched ahead of the one computing
 
 inline vfloat load(const float* p) {
@@ -36,10 +37,21 @@ inline vfloat load(const float* p) {
   return v;
 }
 
+// The lanes' sum as a fixed tree of halves (16 -> 8 -> 4 -> 1): the same order for every token, and a
+// few independent adds instead of a chain of 15 dependent ones.
+using vfloat8 = float __attribute__((vector_size(32)));
+using vfloat4 = float __attribute__((vector_size(16)));
+
 inline float lanes_sum(vfloat v) {
-  float sum = 0.0f;
-  for (int64_t l = 0; l < kLanes; ++l) sum += v[l];
-  return sum;
+  vfloat8 lo8, hi8;
+  __builtin_memcpy(&lo8, &v, sizeof(lo8));
+  __builtin_memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof(lo8), sizeof(hi8));
+  const vfloat8 s8 = lo8 + hi8;
+  vfloat4 lo4, hi4;
+  __builtin_memcpy(&lo4, &s8, sizeof(lo4));
+  __builtin_memcpy(&hi4, reinterpret_cast<const char*>(&s8) + sizeof(lo4), sizeof(hi4));
+  const vfloat4 s4 = lo4 + hi4;
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // h[t * R + r] = A[r] . x[t] for `n` (<= kTokens) tokens and every row of A [R, in] (float).
@@ -111,12 +123,23 @@ void lora_run(const T* x, T* out, const T* lora_a, const T* lora_b, bool b_trans
       // The reference's shrink output is in x's dtype: round the same way.
       float* ht = h + t * rank;
       for (int64_t r = 0; r < rank; ++r) ht[r] = static_cast<float>(static_cast<T>(ht[r]));
-      std::fill(d, d + width, 0.0f);
-      for (int64_t r = 0; r < rank; ++r) {
+      // d = sum over r of h[r] * B^T[r], r ascending: blocks of kExpandBlock columns stay in registers
+      // over all R rows (one store per block, not one per row), then the columns left over.
+      int64_t o0 = 0;
+      for (; o0 + kExpandBlock <= width; o0 += kExpandBlock) {
+        vfloat acc[kExpandBlock / kLanes] = {};
+        for (int64_t r = 0; r < rank; ++r) {
+          const float hr = ht[r];
+          const float* row = b_rows + r * width + o0;
+          for (int64_t c = 0; c < kExpandBlock / kLanes; ++c) acc[c] += hr * load(row + c * kLanes);
+        }
+        __builtin_memcpy(d + o0, acc, sizeof(acc));
+      }
+      std::fill(d + o0, d + width, 0.0f);
+      for (int64_t r = 0; r < rank && o0 < width; ++r) {
         const float hr = ht[r];
         const float* row = b_rows + r * width;
-#pragma omp simd
-        for (int64_t o = 0; o < width; ++o) d[o] += hr * row[o];
+        for (int64_t o = o0; o < width; ++o) d[o] += hr * row[o];
       }
       T* dst = out + (t0 + t) * out_stride + offset;
       for (int64_t o = 0; o < width; ++o)
