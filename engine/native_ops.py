@@ -29,6 +29,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).parent / "csrc" / name for name in ("paged_attention.cpp", "lora.cpp", "pointwise.cpp"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("cephes_exp.h",))  # in the build name's hash
 NATIVE_CFLAGS = ("-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-march=native")
 
 # What a build returns: the op namespace (`.paged_attention`, `.lora_apply`, `.rms_norm`, ...).
@@ -61,7 +62,7 @@ def _cpu_identity() -> str:
 def build_name(cflags: tuple[str, ...]) -> str:
     """Directory name of one build: changes with the sources, the flags, torch, Python and the CPU."""
     digest = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), repr(cflags).encode(), torch.__version__.encode(),
+    for part in (*(s.read_bytes() for s in SOURCES + HEADERS), repr(cflags).encode(), torch.__version__.encode(),
                  sys.version.encode(), _cpu_identity().encode()):
         digest.update(part)
     return f"loraserve_native_{digest.hexdigest()[:16]}"

@@ -22,6 +22,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "cephes_exp.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -33,24 +35,9 @@
 
 namespace {
 
-// exp for x <= 0 (all this file needs: scores minus their running maximum), Cephes' expf polynomial,
-// ~2 ulp. Written branch-free so the compiler vectorises it; libm's expf does not vectorise without
-// -ffast-math, which would also let the compiler assume no NaN/Inf (they must propagate here).
+// exp for x <= 0 (all this file needs: scores minus their running maximum), ~2 ulp (cephes_exp.h).
 inline float exp_nonpositive(float x) {
-  const float clamped = x < -87.0f ? -87.0f : x;
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float value = p * scale;
+  const float value = loraserve::cephes_exp(x < -87.0f ? -87.0f : x);
   // NaN stays NaN (the comparisons are false); below -87 the true value is under 1.7e-38: 0.
   return x < -87.0f ? 0.0f : (x != x ? x : value);
 }

@@ -20,6 +20,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "cephes_exp.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -148,24 +150,9 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& qkv, const at::Tens
   return {q, k};
 }
 
-// exp(x) for any float x, Cephes' expf polynomial (~2 ulp), branch-free so the loop vectorises;
-// NaN stays NaN, overflow gives +Inf, underflow 0 (libm's expf does not vectorise without
-// -ffast-math, which would also let the compiler assume no NaN/Inf).
+// exp(x) for any float x, ~2 ulp (cephes_exp.h): NaN stays NaN, overflow gives +Inf, underflow 0.
 inline float exp_any(float x) {
-  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float value = p * scale;
+  const float value = loraserve::cephes_exp(x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x));
   const float inf = std::numeric_limits<float>::infinity();
   return x != x ? x : (x < -87.0f ? 0.0f : (x > 88.0f ? inf : value));
 }
