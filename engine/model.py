@@ -80,13 +80,12 @@ def rope_inv_freq(arch: ModelArch) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """A norm's weight and eps; the model's `pointwise` applies it (fused with the residual add)."""
+
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return TORCH.rms_norm(x, self.weight, self.eps)
 
 
 class LoraLinear(nn.Module):
