@@ -7,6 +7,7 @@ These names are the engine's public surface: `serve_app/` imports nothing else f
 from engine.adapter_source import check_source
 from engine.config import DTYPES, AdapterSpec, EngineConfig, parse_adapter_weights
 from engine.engine import Engine
+from engine.engine_process import EngineProcess
 from engine.errors import (
     AdapterBusyError,
     AdapterLoadError,
@@ -44,6 +45,7 @@ __all__ = [
     "EngineConfig",
     "EngineDeadError",
     "EngineError",
+    "EngineProcess",
     "EngineStats",
     "GrammarSpec",
     "InvalidRequestError",

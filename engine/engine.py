@@ -92,24 +92,8 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int], truncate: int | None = None) -> list[int]:
-        """A prompt's token ids (text is encoded, ids are checked against the vocabulary), keeping only
-        the last `truncate` of them when given (TGI's `truncate`)."""
-        if not prompt:
-            raise InvalidRequestError("inputs", "must not be empty")
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer.encode(prompt))
-        else:
-            bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < self.arch.vocab_size]
-            if bad:
-                raise InvalidRequestError(
-                    "inputs", f"token ids must be integers in [0, {self.arch.vocab_size}), got {bad[:5]}"
-                )
-            ids = list(prompt)
-        if truncate is not None:
-            if truncate < 1:
-                raise InvalidRequestError("truncate", f"must be >= 1, got {truncate}")
-            ids = ids[-truncate:]
-        return ids
+        """A prompt's token ids (see `tokenize_prompt`)."""
+        return tokenize_prompt(self.tokenizer, self.arch.vocab_size, prompt, truncate)
 
     def _make_sequence(
         self, prompt: str | list[int], params: SamplingParams, adapter_id: str | None, request_id: str | None,
@@ -246,3 +230,22 @@ class Engine:
         self.pool.shutdown()
         self.grammars.close()
         self.engine_core.shutdown()
+
+
+def tokenize_prompt(tokenizer: Any, vocab_size: int, prompt: str | list[int], truncate: int | None = None) -> list[int]:
+    """A prompt's token ids (text is encoded, ids are checked against the vocabulary), keeping only
+    the last `truncate` of them when given (TGI's `truncate`). Engine and EngineProcess both use it."""
+    if not prompt:
+        raise InvalidRequestError("inputs", "must not be empty")
+    if isinstance(prompt, str):
+        ids = list(tokenizer.encode(prompt))
+    else:
+        bad = [t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise InvalidRequestError("inputs", f"token ids must be integers in [0, {vocab_size}), got {bad[:5]}")
+        ids = list(prompt)
+    if truncate is not None:
+        if truncate < 1:
+            raise InvalidRequestError("truncate", f"must be >= 1, got {truncate}")
+        ids = ids[-truncate:]
+    return ids

@@ -97,3 +97,36 @@ class NonFiniteOutputError(EngineError):
         who = "the base model" if adapter_id is None else f"adapter {adapter_id!r}"
         super().__init__(f"{who} produced non-finite logits (NaN or Inf); the request was stopped")
         self.adapter_id = adapter_id
+
+
+# ---- across a process boundary (engine/engine_process.py) ---------------------------------------
+# Pickling an exception re-runs its __init__ with `args`, which fails for the classes above that take
+# other arguments than their message; so an error crosses as (class name, message, attributes) and is
+# rebuilt without calling __init__. Classes outside this set arrive as RuntimeError: an unexpected
+# failure, whose text the server logs and never shows a client (serve_app/errors.py error_info).
+_WIRE_CLASSES: dict[str, type[BaseException]] = {
+    cls.__name__: cls
+    for cls in (EngineError, InvalidRequestError, UnknownAdapterError, AdapterLoadError, OverloadedError,
+                QueueTimeoutError, RequestTimeoutError, EngineDeadError, AdapterBusyError, NonFiniteOutputError,
+                PermissionError, FileNotFoundError, ValueError, KeyError, TimeoutError, RuntimeError, AssertionError)
+}
+_WIRE_ATTRS = ("field", "adapter_id", "retry_after_s", "scope")
+
+
+def error_to_wire(exc: BaseException) -> tuple[str, str, dict[str, object]]:
+    """`exc` as plain data: (class name, message, the attributes the server reads)."""
+    # The nearest known class: a subclass (an OSError of the Hub client, say) crosses as its base.
+    name = next((c.__name__ for c in type(exc).__mro__ if _WIRE_CLASSES.get(c.__name__) is c), RuntimeError.__name__)
+    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    return name, message, {a: getattr(exc, a) for a in _WIRE_ATTRS if hasattr(exc, a)}
+
+
+def error_from_wire(wire: tuple[str, str, dict[str, object]]) -> BaseException:
+    """The exception `error_to_wire` described: same class, message and attributes."""
+    name, message, attrs = wire
+    cls = _WIRE_CLASSES.get(name, RuntimeError)
+    exc = cls.__new__(cls)
+    BaseException.__init__(exc, message)
+    for key, value in attrs.items():
+        setattr(exc, key, value)
+    return exc

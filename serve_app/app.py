@@ -132,7 +132,7 @@ def build_app(args: Mapping[str, Any] | None = None) -> Application:
     # on its own node.
     replica_config = engine_config_to_dict(settings.engine_config(resolved.path, settings.adapters))
     options = {"torch_threads": torch_threads, "stream_messages_per_s": settings.stream_messages_per_s,
-               "max_input_chars": settings.max_input_chars}
+               "max_input_chars": settings.max_input_chars, "engine_process": settings.engine_process}
     model = ModelReplica.options(**model_opts).bind(replica_config, settings.model, settings.served_model_name,
                                                     options)
     return Ingress.options(**ingress_opts).bind(model, settings.max_body_bytes, settings.affinity_routing,

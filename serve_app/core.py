@@ -25,6 +25,7 @@ from engine import (
     Engine,
     EngineConfig,
     EngineError,
+    EngineProcess,
     EngineStats,
     InvalidRequestError,
     RequestOutput,
@@ -67,8 +68,11 @@ def _lower_thread_priority() -> None:
 class ReplicaCore:
     def __init__(self, config: EngineConfig, served_name: str, replica_id: str = "local",
                  stream_messages_per_s: float = DEFAULT_STREAM_MESSAGES_PER_S,
-                 max_input_chars: int | None = None) -> None:
-        self.engine = Engine(config)
+                 max_input_chars: int | None = None, engine_process: bool = False,
+                 torch_threads: int | None = None) -> None:
+        # In a process of its own (engine/engine_process.py) or on a thread of this one; the same methods.
+        self.engine: Engine | EngineProcess = (EngineProcess(config, torch_threads=torch_threads) if engine_process
+                                               else Engine(config))
         self.max_input_chars = max_input_chars or self.engine.max_model_len * CHARS_PER_TOKEN_BOUND
         self._prepare_pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="loraserve-prepare",
                                                 initializer=_lower_thread_priority)

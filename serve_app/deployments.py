@@ -70,8 +70,11 @@ class ModelReplica:
         extra = tuple(a for a in config.adapters if a.adapter_id not in {r.adapter_id for r in resolved.adapters})
         config = replace(config, model=resolved.path, adapters=resolved.adapters + extra)
         rate = float(options.get("stream_messages_per_s", DEFAULT_STREAM_MESSAGES_PER_S))
+        threads = options.get("torch_threads")
         self.core = ReplicaCore(config, resolved.served_name, _replica_id(), stream_messages_per_s=rate,
-                                max_input_chars=options.get("max_input_chars"))
+                                max_input_chars=options.get("max_input_chars"),
+                                engine_process=bool(options.get("engine_process", False)),
+                                torch_threads=int(threads) if threads else None)
         log.info("model replica %s ready: %s with %d adapters", self.core.replica_id, resolved.path,
                  len(config.adapters))
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from engine import AdapterSpec, Engine, InvalidRequestError
+from engine import AdapterSpec, Engine, EngineProcess, InvalidRequestError
 from serve_app.errors import admin_kind
 
 
-async def run_admin_op(engine: Engine, replica_id: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+async def run_admin_op(engine: Engine | EngineProcess, replica_id: str, op: str, payload: dict[str, Any]) -> dict[str, Any]:
     """`op` (list, load, reload, unload) on `engine`: {"replica", "result"} or {"replica", "error"}.
 
     Loads read files (or download from the Hub): they run in a worker thread so that the replica's
@@ -29,7 +29,7 @@ async def run_admin_op(engine: Engine, replica_id: str, op: str, payload: dict[s
     return {"replica": replica_id, "result": result}
 
 
-def _admin_op(engine: Engine, op: str, payload: dict[str, Any]) -> dict[str, Any]:
+def _admin_op(engine: Engine | EngineProcess, op: str, payload: dict[str, Any]) -> dict[str, Any]:
     adapter_id = str(payload["id"])
     if op == "load":
         source = str(payload.get("source") or adapter_id)

@@ -33,6 +33,7 @@ ingress's (below).
 | max_lora_rank, max_adapter_slots, host_cache_bytes | engine | adapter tiers: device slots and the host LRU cache |
 | allow_dynamic_adapters, adapter_source_roots, preload_adapters, adapter_failure_ttl_s, lora_backend | engine | adapter loading |
 | model_replicas, ingress_replicas, replica_num_cpus, replica_num_gpus, torch_threads | 1, 1, 1, auto, auto | deployment shape |
+| engine_process | false | true: the engine runs in a process of its own beside the replica's (engine/engine_process.py), so its step thread never waits for the GIL of Serve's threads |
 | max_ongoing_requests | derived | Serve's per-replica limit; derived so that it never decides first (serve_app/app.py) |
 | autoscaling_config | none | Serve's autoscaling_config; the aggregate-load policy by default (serve_app/app.py) |
 | affinity_routing, affinity_imbalance_threshold, routing_stats_period_s | true, 8, 1 | adapter-affinity routing |
@@ -70,6 +71,7 @@ from serve_app.admission_gate import DEFAULT_HOLD_S, check_hold_s
 from serve_app.http_guards import DEFAULT_MAX_BODY_BYTES
 
 DEFAULT_REQUEST_TIMEOUT_S = 60.0  # `request_timeout_s`: see the module docstring
+BOOL_SETTINGS = ("admin_enabled", "adapters_from_env", "engine_process")  # true or false, nothing else
 
 # Engine fields that are not operator knobs of the app: the model and adapters are app keys of their
 # own (resolved by models/resolve.py).
@@ -202,6 +204,10 @@ class AppSettings:
     replica_num_cpus: float = 1.0
     replica_num_gpus: float | None = None  # None: 1 when the device is CUDA, else 0
     torch_threads: int | None = None  # None: the replica's CPU count (what Ray gives it)
+    # True: the engine in a process of its own beside each replica's (engine/engine_process.py), its
+    # step thread never waiting for the GIL that Serve's loops and threads hold. Off by default: on
+    # 2 shared cores it measured no better (README, noisy neighbours), the cores being the limit.
+    engine_process: bool = False
     stream_messages_per_s: float = 50.0  # streaming chunk budget per replica (serve_app/core.py); 0 = per token
     max_ongoing_requests: int | None = None  # None: derived from the engine's queue bounds
     # Serve autoscaling_config for ModelReplica (min/max_replicas, upscale/downscale_delay_s, ...).
@@ -256,12 +262,11 @@ class AppSettings:
             engine[ENGINE_KEY_FIELDS[key]] = engine_value(key, value)
         if "dtype" in engine and engine["dtype"] not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {engine['dtype']!r}")
-        if "admin_enabled" in raw and not isinstance(raw["admin_enabled"], bool):
-            raise ValueError(f"admin_enabled must be true or false, got {raw['admin_enabled']!r}")
+        for name in BOOL_SETTINGS:
+            if name in raw and not isinstance(raw[name], bool):
+                raise ValueError(f"{name} must be true or false, got {raw[name]!r}")
         raw["admin_token"] = resolve_admin_token(bool(raw.get("admin_enabled")), raw.get("admin_token"), env)
         adapters_value = raw.pop("adapters", None)
-        if "adapters_from_env" in raw and not isinstance(raw["adapters_from_env"], bool):
-            raise ValueError(f"adapters_from_env must be true or false, got {raw['adapters_from_env']!r}")
         if adapters_value in (None, "", []) and env.get("LORA_ADAPTERS") and raw.get("adapters_from_env", True):
             adapters_value = env["LORA_ADAPTERS"]
         kwargs: dict[str, Any] = {k: v for k, v in raw.items() if v is not None}
