@@ -4,9 +4,11 @@
     python -m loadtests.run_loadtest --scenario zipf --host http://127.0.0.1:8000 --users 8
     python -m loadtests.run_loadtest --scenario mixed --config config.yaml --port 8011
     python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --out loadtests/results/noisy
+    python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --app-arg engine_process=true
 
 Without --host it starts the server itself (`serve run CONFIG`, HTTP port rewritten to --port,
-bound to 127.0.0.1) and stops it afterwards (Ctrl-C, as a user would). It runs
+bound to 127.0.0.1; `--app-arg KEY=VALUE` overrides one app arg, over the scenario's own) and stops
+it afterwards (Ctrl-C, as a user would). It runs
 `locust -f loadtests/locustfile_<scenario>.py --headless` as a subprocess (locust monkey-patches
 the standard library with gevent; keeping it out of this process keeps this one plain), bounded by
 --duration and --max-requests. Meanwhile it samples the number of model replicas and their engine
@@ -704,6 +706,19 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
     return run
 
 
+def parse_app_args(items: Sequence[str]) -> dict[str, Any]:
+    """`--app-arg KEY=VALUE` items as a dict, each VALUE read as YAML (as config.yaml would hold it)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--app-arg takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", choices=sorted(SCENARIOS), default="burst")
@@ -718,15 +733,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=REPO / "config.yaml", help="Serve config to start without --host")
     p.add_argument("--port", type=int, default=8000, help="port for the server started without --host")
     p.add_argument("--model", default="", help="serve only the config's first app, with this model (e.g. demo)")
+    p.add_argument("--app-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one app arg of the server this starts (VALUE as YAML: true, 128, null); repeatable")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
     args = p.parse_args(argv)
+    try:
+        overrides = parse_app_args(args.app_arg)
+    except ValueError as exc:
+        p.error(str(exc))
     args.users = args.users or (48 if args.scenario == "noisy" else 16)
     if args.host and urlparse(args.host).hostname not in ("127.0.0.1", "localhost"):
         p.error("--host must be on 127.0.0.1 (this runner only loads the local machine)")
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model or ("demo" if args.scenario in SCENARIO_APP_ARGS else "")  # its roles are demo adapters
     ctx = (contextlib.nullcontext(args.host.rstrip("/")) if args.host
-           else serve_run(args.config, args.port, model, app_args=SCENARIO_APP_ARGS.get(args.scenario)))
+           else serve_run(args.config, args.port, model,
+                          app_args={**SCENARIO_APP_ARGS.get(args.scenario, {}), **overrides}))
     with ctx as url:
         run = run_locust(args, url, args.out)
     meta = {"command": "python -m loadtests.run_loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.run_loadtest import Run, load_events, percentile, write_report
+from loadtests.run_loadtest import Run, load_events, parse_app_args, percentile, write_report
 from loadtests.scenarios.phases import burst_phases
 
 
@@ -87,3 +87,13 @@ def test_peer_benchmark_rounds_interleave_and_report_medians() -> None:
     results = {round_name("w: base only", r): CaseResult(tps, []) for r, tps in enumerate([300.0, 100.0, 250.0])}
     assert median_tps(results, "w: base only", 3) == 250.0
     assert median_tps(results, "w: base only", 1) == 300.0
+
+
+def test_app_arg_overrides_parse_as_yaml() -> None:
+    assert parse_app_args(["engine_process=true", "max_num_batched_tokens=128", "autoscaling_config=null",
+                           "adapter_weights={a: 2}"]) == {
+        "engine_process": True, "max_num_batched_tokens": 128, "autoscaling_config": None,
+        "adapter_weights": {"a": 2}}
+    for bad in ("engine_process", "=true"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_app_args([bad])

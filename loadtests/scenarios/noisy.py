@@ -41,7 +41,7 @@ NOISY_APP_ARGS: dict[str, object] = {
     "model_replicas": 1,
     "replica_num_cpus": 1,
     "max_num_seqs": 32,
-    "max_num_batched_tokens": 256,
+    "max_num_batched_tokens": 128,  # as loadtests/bench_fairness.py: it bounds an arrival's wait for the step under way
     "num_kv_blocks": 1024,
     "max_model_len": 1024,
     "max_waiting": 256,
