@@ -23,8 +23,8 @@ import torch
 from engine.config import AdapterSpec, EngineConfig
 from engine.engine_core import EngineCore
 from engine.engine_parts import build_engine_parts
-from engine.errors import AdapterBusyError, EngineDeadError, InvalidRequestError
-from engine.outputs import RequestOutput, merge_outputs
+from engine.errors import AdapterBusyError, InvalidRequestError
+from engine.outputs import RequestOutput, final_output
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 from engine.stats import EngineStats
@@ -175,10 +175,7 @@ class Engine:
         truncate: int | None = None,
     ) -> RequestOutput:
         """Run one request to the end and return its final output (with every token's details)."""
-        final = merge_outputs([out async for out in self.generate(prompt, params, adapter_id, request_id, truncate)])
-        if final is None:
-            raise EngineDeadError("stream ended without a final output")
-        return final
+        return await final_output(self.generate(prompt, params, adapter_id, request_id, truncate))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is and free its blocks and slot. False if it is unknown or done."""

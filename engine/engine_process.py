@@ -43,7 +43,7 @@ from transformers import AutoTokenizer
 from engine.config import AdapterSpec, EngineConfig
 from engine.engine import tokenize_prompt
 from engine.errors import EngineDeadError, EngineError, InvalidRequestError, error_from_wire
-from engine.outputs import RequestOutput, merge_outputs
+from engine.outputs import RequestOutput, final_output
 from engine.sampling_params import SamplingParams
 from engine.stats import EngineStats
 
@@ -171,10 +171,7 @@ class EngineProcess:
         request_id: str | None = None,
         truncate: int | None = None,
     ) -> RequestOutput:
-        final = merge_outputs([out async for out in self.generate(prompt, params, adapter_id, request_id, truncate)])
-        if final is None:
-            raise EngineDeadError("stream ended without a final output")
-        return final
+        return await final_output(self.generate(prompt, params, adapter_id, request_id, truncate))
 
     def abort(self, request_id: str) -> bool:
         """Ask the worker to stop a request. False if this side has no such request in flight."""

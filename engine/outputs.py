@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+
+from engine.errors import EngineDeadError
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class RequestOutput:
 def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput | None:
     """A request's streamed outputs as one final output with every token's details (None: it did not finish).
 
-    The one place that gathers a stream: `Engine.complete` and the replica's non-streamed requests.
+    The one place that gathers a stream: `final_output` (the engines' `complete`) and the replica's non-streamed requests.
     """
     if not outputs or not outputs[-1].finished:
         return None
@@ -49,3 +51,12 @@ def merge_outputs(outputs: Sequence[RequestOutput]) -> RequestOutput | None:
     top = tuple(alts for out in outputs for alts in out.top_tokens)
     prefill = next((out.prefill for out in reversed(outputs) if out.prefill), ())
     return replace(outputs[-1], tokens=tokens, top_tokens=top, prefill=prefill)
+
+
+async def final_output(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    """Run a request's stream to its end and return the merged final output (`complete` of Engine
+    and EngineProcess); EngineDeadError if the stream ended without one."""
+    final = merge_outputs([out async for out in outputs])
+    if final is None:
+        raise EngineDeadError("stream ended without a final output")
+    return final
