@@ -13,6 +13,9 @@ Ray down and fails if any process of that Ray instance survives.
 2. test_one_of_two_replicas_killed: closed-loop traffic over 2 replicas, one killed. Requests in
    flight end within seconds (200, 503 or a stream's error event), later ones are all served by
    the other replica (200), nothing hangs, and the deployment is back to 2 replicas.
+3. test_engine_process_killed: with `engine_process: true`, the engine's own process killed under
+   load (requests in flight end within seconds, the replica is replaced), then a replica killed
+   outright (its engine process exits with it).
 
 No error body may show internals (traceback, actor, pid, paths, addresses). Every client call has a
 timeout well below the test's, so a hanging request fails the test instead of stalling it.
@@ -298,3 +301,58 @@ def test_one_of_two_replicas_killed(serve_instance: ServeInstance) -> None:
             assert_plain_503(out)
     assert victim not in model_replica_pids()
     assert back_after < 60
+
+
+# ---- 3. engine_process: the engine's own process killed, then its replica's ----------------------
+def engine_worker_pids(replica_pid: int) -> list[int]:
+    table = proc_table()
+    return sorted(p for p in descendants(replica_pid) & table.keys()
+                  if "engine.engine_worker" in table[p][2] and table[p][1] not in ("Z", "X"))
+
+
+def test_engine_process_killed(serve_instance: ServeInstance) -> None:
+    """With `engine_process: true` the engine runs in a child of the replica (engine/engine_process.py).
+    Its death fails the requests in flight at once (503, a stream's error event), the replica's health
+    check has it replaced, and a replica killed outright takes its engine process with it."""
+    serve_instance.deploy(model_replicas=1, engine_process=True)
+    serve_instance.wait_replicas(1, 60)
+    [replica] = model_replica_pids()
+    [worker] = engine_worker_pids(replica)
+
+    async def scenario() -> tuple[list[Outcome], float]:
+        async with httpx.AsyncClient(base_url=serve_instance.url, timeout=CLIENT_TIMEOUT_S) as client:
+            outcomes = [Outcome(i % 2 == 1, 0.0) for i in range(8)]
+            tasks = [asyncio.ensure_future(send(client, o.streamed, body(400, i), o)) for i, o in enumerate(outcomes)]
+            deadline = time.monotonic() + 60
+            while not all(o.events or o.ended for o in outcomes if o.streamed):
+                assert time.monotonic() < deadline, "streams got no first token within 60 s"
+                await asyncio.sleep(0.2)
+            os.kill(worker, signal.SIGKILL)
+            return list(await asyncio.gather(*tasks)), time.monotonic()
+
+    outcomes, killed_at = asyncio.run(scenario())
+    hit = [o for o in outcomes if not completed(o)]
+    assert len(hit) >= 6, [(o.status, o.text[-200:]) for o in outcomes]
+    for out in hit:
+        assert out.client_error is None, out.client_error
+        assert out.ended - killed_at < ENDS_WITHIN_S, f"answered {out.ended - killed_at:.1f}s after the kill"
+        if out.streamed:
+            assert_stream_error_event(out)
+            assert any("token" in e for e in out.events[:-1])
+        else:
+            assert_plain_503(out)
+
+    # The dead engine fails the replica's health check: Serve replaces the replica.
+    serve_instance.wait_serving(120)
+    serve_instance.wait_replicas(1, 60)
+    [replica2] = model_replica_pids()
+    assert replica2 != replica
+    [worker2] = engine_worker_pids(replica2)
+
+    # A replica killed outright: its engine process notices and exits.
+    os.kill(replica2, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while worker2 in proc_table() and proc_table()[worker2][1] not in ("Z", "X"):
+        assert time.monotonic() < deadline, "the engine process outlived its replica by 15 s"
+        time.sleep(0.2)
+    serve_instance.wait_serving(120)
