@@ -57,6 +57,7 @@ import httpx
 
 from loadtests.scenarios import noisy
 from loadtests.scenarios.phases import burst_phases
+from serve_app.__main__ import SERVE_THROUGHPUT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = {
@@ -105,6 +106,7 @@ def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float
     path.write_text(yaml.safe_dump(data))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault(SERVE_THROUGHPUT_ENV, "1")  # as the README serves it (serve_app/__main__.py); "0": Serve's default
     log = tmp / "serve.log"
     serve = Path(sys.executable).parent / "serve"
     cmd = [str(serve)] if serve.exists() else [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]

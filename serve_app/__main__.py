@@ -80,6 +80,12 @@ _FLAGS: list[tuple[str, str, type | None, str]] = [
 # Ray's switch that keeps a single-machine instance on its loopback address (see the module docstring).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_AUTH_ENV = "RAY_AUTH_MODE"
+# Ray Serve's throughput-optimized mode (Ray >= 2.55): gRPC between Serve's processes, an HTTP server
+# in the ingress replica itself, user code on Serve's own loop, buffered access logs. On 2 cores it
+# cut the light adapters' p95 TTFT beside floods from ~135 to 97 ms and let the engine serve 87% more
+# tokens (README, noisy neighbours). Serve reads it once per process, so it must be set before Ray
+# starts: the launcher sets it for a local instance, `serve run` users export it.
+SERVE_THROUGHPUT_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
 
 
 def is_loopback(host: str) -> bool:
@@ -115,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if local_only:  # before Ray is imported: it reads the switch once, and its processes inherit it
         os.environ.setdefault(RAY_LOOPBACK_ENV, "0")
         os.environ.setdefault(RAY_AUTH_ENV, "token")
+    if opts.address is None:  # our own instance: every process of it starts with the same mode
+        os.environ.setdefault(SERVE_THROUGHPUT_ENV, "1")
     import ray
     from ray import serve
 

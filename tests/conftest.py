@@ -10,7 +10,12 @@ if not torch.cuda.is_available():
     # Triton kernels run in Triton's CPU interpreter here; this must precede the first triton import.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from serve_app.__main__ import SERVE_THROUGHPUT_ENV
 from tests.helpers import TinyFamily, build_family
+
+# The Serve end-to-end tests run Serve the way the README serves it (throughput-optimized); this
+# must precede the first `import ray.serve` of this process and the Ray processes it starts.
+os.environ.setdefault(SERVE_THROUGHPUT_ENV, "1")
 
 torch.set_num_threads(2)
 
