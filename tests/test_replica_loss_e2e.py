@@ -194,6 +194,18 @@ def completed(out: Outcome) -> bool:
     return "generated_text" in json.loads(out.text)
 
 
+async def long_requests_decoding(client: httpx.AsyncClient, n: int) -> list[asyncio.Future[Outcome]]:
+    """`n` requests of 400 tokens (every other one streamed), in flight; returns once every stream has
+    its first token: the whole batch is then decoding on the replica."""
+    outcomes = [Outcome(i % 2 == 1, 0.0) for i in range(n)]
+    tasks = [asyncio.ensure_future(send(client, o.streamed, body(400, i), o)) for i, o in enumerate(outcomes)]
+    deadline = time.monotonic() + 60
+    while not all(o.events or o.ended for o in outcomes if o.streamed):
+        assert time.monotonic() < deadline, "streams got no first token within 60 s"
+        await asyncio.sleep(0.2)
+    return tasks
+
+
 def kill(pid: int) -> float:
     assert pid in model_replica_pids()  # only a ModelReplica of this test's own Ray instance
     os.kill(pid, signal.SIGKILL)
@@ -209,13 +221,7 @@ def test_single_replica_killed(serve_instance: ServeInstance) -> None:
     async def scenario() -> tuple[list[Outcome], float, Outcome]:
         async with httpx.AsyncClient(base_url=serve_instance.url, timeout=CLIENT_TIMEOUT_S) as client:
             # Long generations (400 tokens each, ~20 at once on half a core): all still running at the kill.
-            outcomes = [Outcome(i % 2 == 1, 0.0) for i in range(20)]
-            tasks = [asyncio.ensure_future(send(client, o.streamed, body(400, i), o)) for i, o in enumerate(outcomes)]
-            # Every stream has its first token: the whole batch is decoding on the replica.
-            deadline = time.monotonic() + 60
-            while not all(o.events or o.ended for o in outcomes if o.streamed):
-                assert time.monotonic() < deadline, "streams got no first token within 60 s"
-                await asyncio.sleep(0.2)
+            tasks = await long_requests_decoding(client, 20)
             killed_at = kill(pid)
             await asyncio.sleep(0.5)
             during = await send(client, False, body(4))  # the replica is dead or restarting now
@@ -321,12 +327,7 @@ def test_engine_process_killed(serve_instance: ServeInstance) -> None:
 
     async def scenario() -> tuple[list[Outcome], float]:
         async with httpx.AsyncClient(base_url=serve_instance.url, timeout=CLIENT_TIMEOUT_S) as client:
-            outcomes = [Outcome(i % 2 == 1, 0.0) for i in range(8)]
-            tasks = [asyncio.ensure_future(send(client, o.streamed, body(400, i), o)) for i, o in enumerate(outcomes)]
-            deadline = time.monotonic() + 60
-            while not all(o.events or o.ended for o in outcomes if o.streamed):
-                assert time.monotonic() < deadline, "streams got no first token within 60 s"
-                await asyncio.sleep(0.2)
+            tasks = await long_requests_decoding(client, 8)
             os.kill(worker, signal.SIGKILL)
             return list(await asyncio.gather(*tasks)), time.monotonic()
 
