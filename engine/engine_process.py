@@ -55,6 +55,7 @@ LOAD_MARGIN_S = 30.0  # an adapter call may take its load timeout plus reading a
 SHUTDOWN_WAIT_S = 10.0
 
 _Item = RequestOutput | BaseException
+_Stream = tuple[asyncio.AbstractEventLoop, "asyncio.Queue[_Item]"]  # an open request: its caller's loop and queue
 
 
 class EngineProcess:
@@ -66,7 +67,7 @@ class EngineProcess:
         config.validate()
         self.config = config
         self.call_timeout_s = call_timeout_s
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[_Item]]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._calls: dict[int, concurrent.futures.Future[tuple[bool, Any]]] = {}
         self._call_ids = itertools.count()
         self._ids = itertools.count()
@@ -258,14 +259,14 @@ class EngineProcess:
             self._fail_everything(reason)
 
     def _dispatch(self, batch: list[tuple[Any, ...]]) -> None:
-        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = defaultdict(list)
+        deliveries: list[tuple[_Stream, _Item]] = []
         for msg in batch:
             kind = msg[0]
             if kind in ("out", "error"):
                 entry = self._streams.get(msg[1])
                 if entry is not None:
                     item = msg[2] if kind == "out" else error_from_wire(msg[2])
-                    deliveries[entry[0]].append((entry[1], item))
+                    deliveries.append((entry, item))
             elif kind == "reply":
                 future = self._calls.get(msg[1])
                 if future is not None and not future.done():
@@ -273,19 +274,14 @@ class EngineProcess:
             elif kind == "dead":
                 log.error("engine process %d: %s", self.pid, msg[1])
                 self._dead = str(msg[1])
-        for loop, items in deliveries.items():
-            _deliver_threadsafe(loop, items)
+        _deliver_threadsafe(deliveries)
 
     def _fail_everything(self, reason: str) -> None:
         if self._dead is None:
             self._dead = reason
         if not self._closing or self._streams:
             log.error("engine process: %s; failing %d open requests", reason, len(self._streams))
-        deliveries: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = defaultdict(list)
-        for loop, queue in list(self._streams.values()):
-            deliveries[loop].append((queue, EngineDeadError(reason)))
-        for loop, items in deliveries.items():
-            _deliver_threadsafe(loop, items)
+        _deliver_threadsafe([(entry, EngineDeadError(reason)) for entry in list(self._streams.values())])
         for future in list(self._calls.values()):
             if not future.done():
                 future.set_result((False, ("EngineDeadError", reason, {})))
@@ -303,9 +299,14 @@ def _deliver(items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
         queue.put_nowait(item)
 
 
-def _deliver_threadsafe(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue[_Item], _Item]]) -> None:
-    with contextlib.suppress(RuntimeError):  # that loop is closed: its requests are gone with it
-        loop.call_soon_threadsafe(_deliver, items)
+def _deliver_threadsafe(deliveries: list[tuple[_Stream, _Item]]) -> None:
+    """Hand each item to its stream's queue on that stream's loop: one call per loop, in order."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[_Item], _Item]]] = defaultdict(list)
+    for (loop, queue), item in deliveries:
+        by_loop[loop].append((queue, item))
+    for loop, items in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: its requests are gone with it
+            loop.call_soon_threadsafe(_deliver, items)
 
 
 def _start_worker(config: EngineConfig, torch_threads: int | None) -> tuple[subprocess.Popen[bytes], Connection]:
