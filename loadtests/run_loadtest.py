@@ -5,6 +5,7 @@
     python -m loadtests.run_loadtest --scenario mixed --config config.yaml --port 8011
     python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --out loadtests/results/noisy
     python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --app-arg engine_process=true
+    python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --haproxy
 
 Without --host it starts the server itself (`serve run CONFIG`, HTTP port rewritten to --port,
 bound to 127.0.0.1; `--app-arg KEY=VALUE` overrides one app arg, over the scenario's own) and stops
@@ -24,7 +25,10 @@ replicas, adapter_latency. Only 127.0.0.1 is ever targeted.
 
 `--scenario noisy` (loadtests/scenarios/noisy.py): adapters B and C alone, then A1 and A2 flooding
 beside them, against one replica started with the scenario's app args (fair scheduling, weights 1
-and 2 for the floods, a per-adapter waiting bound). The report adds, per role and phase, TTFT,
+and 2 for the floods, a per-adapter waiting bound); B's and C's users run in a locust process of
+their own, apart from the floods' (LOCUST_PROCESSES). Locust always runs at the niceness Ray gives
+the server's processes (`loadgen_niceness`). `--haproxy` starts the server with Serve's HAProxy
+ingress. The report adds, per role and phase, TTFT,
 refusals and how fast they came, the fair scheduler's weighted tokens per adapter (from
 /admin/stats), the issue's bars and three more plots: ttft_by_role, requests_by_role, refusal_latency.
 """
@@ -57,7 +61,7 @@ import httpx
 
 from loadtests.scenarios import noisy
 from loadtests.scenarios.phases import burst_phases
-from serve_app.__main__ import SERVE_THROUGHPUT_ENV
+from serve_app.__main__ import HAPROXY_ENV, SERVE_THROUGHPUT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = {
@@ -65,6 +69,25 @@ SCENARIOS = {
     "zipf": REPO / "loadtests" / "locustfile_zipf.py",
     "mixed": REPO / "loadtests" / "locustfile_mixed.py",
     "noisy": REPO / "loadtests" / "locustfile_noisy.py",
+}
+# Ray runs its worker processes, every Serve actor among them (proxy, ingress, model replica), at
+# nice 15 (Ray's `worker_niceness`, RAY_worker_niceness). A load generator at nice 0 on the same
+# cores would get ~28x their CPU weight whenever both want a core, and its clients would be served
+# first by the scheduler of the very machine they measure; real clients run elsewhere. So locust
+# runs at the server's niceness: the two share the cores as equals.
+RAY_WORKER_NICENESS_ENV = "RAY_worker_niceness"
+RAY_DEFAULT_WORKER_NICENESS = 15
+
+
+def loadgen_niceness() -> int:
+    return int(os.environ.get(RAY_WORKER_NICENESS_ENV) or RAY_DEFAULT_WORKER_NICENESS)
+
+
+# Locust processes of a scenario, (name, user classes) each; one process runs all its classes otherwise.
+# The noisy scenario's light tenants get a process of their own, as separate clients would be: in one
+# gevent loop with the hundred flooding users, B's and C's timings would carry those clients' delays.
+LOCUST_PROCESSES: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "noisy": (("light", ("LightB", "LightC")), ("flood", ("FloodA1", "FloodA2"))),
 }
 # App args a scenario needs on the server it starts (None: the key is removed from the config).
 SCENARIO_APP_ARGS: dict[str, dict[str, Any]] = {"noisy": noisy.NOISY_APP_ARGS}
@@ -80,12 +103,13 @@ def admin_headers() -> dict[str, str]:
 # ---- server -------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float = 300.0,
-              app_args: dict[str, Any] | None = None) -> Iterator[str]:
+              app_args: dict[str, Any] | None = None, haproxy: bool = False) -> Iterator[str]:
     """`serve run` a copy of `config` on 127.0.0.1:`port`; yields the URL; stops it on exit.
 
     With `model`, only the config's first application is served, with its `model` arg replaced
     (e.g. "demo": the random-weight demo model the README's load-test numbers were measured on).
-    `app_args` override that application's args too (a None value removes the key).
+    `app_args` override that application's args too (a None value removes the key). `haproxy`: Serve's
+    HAProxy ingress instead of its Python proxy (serve_app/__main__.py HAPROXY_ENV).
     """
     import yaml
 
@@ -107,6 +131,8 @@ def serve_run(config: Path, port: int, model: str = "", startup_timeout_s: float
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env.setdefault(SERVE_THROUGHPUT_ENV, "1")  # as the README serves it (serve_app/__main__.py); "0": Serve's default
+    if haproxy:
+        env[HAPROXY_ENV] = "1"
     log = tmp / "serve.log"
     serve = Path(sys.executable).parent / "serve"
     cmd = [str(serve)] if serve.exists() else [sys.executable, "-c", "from ray.serve.scripts import cli; cli()"]
@@ -180,7 +206,8 @@ def sum_fairness(per_replica: Iterable[Mapping[str, Mapping[str, Any]]]) -> dict
 class RefusalProbe(threading.Thread):
     """One flood request (role A1) every `interval_s` from this process while the floods run: how fast a
     refusal comes back to a client that is not one of locust's hundred gevent users on the same cores
-    (a diagnostic beside the locust-measured numbers, which count that client's own delays too)."""
+    (a diagnostic beside the locust-measured numbers, which count that client's own delays too). At
+    the load generator's niceness too (`loadgen_niceness`; Linux sets it per thread)."""
 
     def __init__(self, url: str, start_s: float, interval_s: float = 0.25) -> None:
         super().__init__(daemon=True)
@@ -192,6 +219,8 @@ class RefusalProbe(threading.Thread):
         role = next(r for r in noisy.ROLES if r.name == "A1")
         body = {"inputs": "x" * role.prompt_chars,
                 "parameters": {"adapter_id": role.adapter, "max_new_tokens": role.max_new_tokens}}
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), loadgen_niceness())
         if self._stop_event.wait(self.start_s):
             return
         with httpx.Client(timeout=60) as client:
@@ -657,15 +686,20 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
         LOADTEST_EVENTS=str(events), LOADTEST_DURATION=str(args.duration), LOADTEST_USERS=str(args.users),
         LOADTEST_IDLE_USERS=str(args.idle_users), LOADTEST_MAX_REQUESTS=str(args.max_requests),
         LOADTEST_STREAM_FRACTION=str(args.stream_fraction),
+        # One start for every locust process of the run (their phases count from it); each appends
+        # whole lines to the same events file.
+        LOADTEST_T0=repr(time.time()),
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
     )
     if args.adapters:
         env["LOADTEST_ADAPTERS"] = args.adapters
-    cmd = [sys.executable, "-m", "locust", "-f", str(SCENARIOS[args.scenario]), "--headless", "--host", url,
-           "--csv", str(out / "locust"), "--only-summary", "--loglevel", "WARNING",
+    cmd = ["nice", "-n", str(loadgen_niceness()),  # see RAY_DEFAULT_WORKER_NICENESS
+           sys.executable, "-m", "locust", "-f", str(SCENARIOS[args.scenario]), "--headless", "--host", url,
+           "--only-summary", "--loglevel", "WARNING",
            # No --run-time: locust ignores it with a LoadTestShape; the shape ends the run at
            # --duration, and the loop below terminates locust if it overstays anyway.
            "--stop-timeout", "30", "--exit-code-on-error", "0"]
+    groups = LOCUST_PROCESSES.get(args.scenario) or (("", ()),)
     sampler = ReplicaSampler(url)
     sampler.start()
     probe = None
@@ -675,11 +709,16 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
         probe.start()
     print(f"[loadtest] {args.scenario}: {args.duration:.0f} s, up to {args.users} users, "
           f"max {args.max_requests} requests -> {out}", flush=True)
-    with open(out / "locust.log", "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for name, classes in groups:
+            suffix = f"_{name}" if name else ""
+            log = stack.enter_context(open(out / f"locust{suffix}.log", "wb"))
+            procs.append(subprocess.Popen([*cmd, "--csv", str(out / f"locust{suffix}"), *classes], cwd=REPO,
+                                          env=env, stdout=log, stderr=subprocess.STDOUT))
         t0 = time.time()
         try:
-            while proc.poll() is None:
+            while any(proc.poll() is None for proc in procs):
                 time.sleep(5.0)
                 done = failed = 0
                 with contextlib.suppress(OSError):
@@ -691,16 +730,19 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
                 print(f"[loadtest] t={time.time() - t0:5.0f}s requests={done} failed={failed} replicas={reps}",
                       flush=True)
                 if time.time() - t0 > args.duration + 120:
-                    proc.terminate()  # locust did not stop by itself: bound the run anyway
+                    for proc in procs:  # locust did not stop by itself: bound the run anyway
+                        if proc.poll() is None:
+                            proc.terminate()
         finally:
-            if proc.poll() is None:
-                proc.terminate()
-            proc.wait(timeout=60)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+                proc.wait(timeout=60)
             sampler.stop()
             if probe is not None:
                 probe.stop()
     if not events.exists():
-        raise RuntimeError(f"locust wrote no events; see {out / 'locust.log'}")
+        raise RuntimeError(f"locust wrote no events; see {out}/locust*.log")
     run = load_events(events, args.duration)
     run.replicas = [(t - run.start, n, load) for t, n, load in sampler.samples]
     run.fairness = [(t - run.start, f) for t, f in sampler.fairness]
@@ -737,6 +779,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--model", default="", help="serve only the config's first app, with this model (e.g. demo)")
     p.add_argument("--app-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="override one app arg of the server this starts (VALUE as YAML: true, 128, null); repeatable")
+    p.add_argument("--haproxy", action="store_true",
+                   help="start the server with Serve's HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1; README)")
     p.add_argument("--out", type=Path, default=REPO / "loadtests" / "results" / "latest")
     args = p.parse_args(argv)
     try:
@@ -750,7 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model = args.model or ("demo" if args.scenario in SCENARIO_APP_ARGS else "")  # its roles are demo adapters
     ctx = (contextlib.nullcontext(args.host.rstrip("/")) if args.host
            else serve_run(args.config, args.port, model,
-                          app_args={**SCENARIO_APP_ARGS.get(args.scenario, {}), **overrides}))
+                          app_args={**SCENARIO_APP_ARGS.get(args.scenario, {}), **overrides},
+                          haproxy=args.haproxy))
     with ctx as url:
         run = run_locust(args, url, args.out)
     meta = {"command": "python -m loadtests.run_loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),

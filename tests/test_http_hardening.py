@@ -27,7 +27,15 @@ import pytest
 
 from engine import EngineConfig
 from models.demo import DEMO_ADAPTERS, build_demo, demo_adapter_specs
-from serve_app.__main__ import is_loopback, parse_args
+from serve_app.__main__ import (
+    HAPROXY_ENV,
+    RAY_AUTH_ENV,
+    RAY_LOOPBACK_ENV,
+    SERVE_THROUGHPUT_ENV,
+    is_loopback,
+    parse_args,
+    ray_env,
+)
 from serve_app.admin import MAX_ADMIN_BODY, AdminConfig
 from serve_app.backends import LocalBackend
 from serve_app.core import INLINE_PREPARE_CHARS, ReplicaCore
@@ -517,6 +525,19 @@ def test_launcher_flags_and_loopback_detection() -> None:
     assert app_args["max_input_chars"] == 1000 and app_args["max_body_bytes"] == 65536
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.1", "example.com"))
+
+
+def test_launcher_ray_switches() -> None:
+    """What the launcher sets up for the local Ray instance it starts: loopback only and token auth
+    on a loopback host, Serve's throughput-optimized mode always, the HAProxy ingress only when asked
+    (it opens ports on all interfaces); nothing for a cluster it joins, whose mode was set at start."""
+    local = {SERVE_THROUGHPUT_ENV: "1", RAY_LOOPBACK_ENV: "0", RAY_AUTH_ENV: "token"}
+    assert ray_env(parse_args([])[1]) == local
+    assert ray_env(parse_args(["--haproxy"])[1]) == {**local, HAPROXY_ENV: "1"}
+    assert ray_env(parse_args(["--hostname", "0.0.0.0"])[1]) == {SERVE_THROUGHPUT_ENV: "1"}
+    assert ray_env(parse_args(["--address", "10.0.0.1:6379"])[1]) == {}
+    with pytest.raises(SystemExit):
+        parse_args(["--haproxy", "--address", "10.0.0.1:6379"])
 
 
 def test_tokenizing_runs_off_the_event_loop(core: ReplicaCore, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -6,14 +6,26 @@ tests/test_autoscaling_e2e.py::test_loadtest_smoke (it shares that module's Serv
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from loadtests.run_loadtest import Run, load_events, parse_app_args, percentile, write_report
+from loadtests import run_loadtest
+from loadtests.run_loadtest import (
+    Run,
+    load_events,
+    parse_app_args,
+    percentile,
+    run_locust,
+    serve_run,
+    write_report,
+)
 from loadtests.scenarios.phases import burst_phases
+from serve_app.__main__ import HAPROXY_ENV, SERVE_THROUGHPUT_ENV
 
 
 def test_percentile() -> None:
@@ -97,3 +109,79 @@ def test_app_arg_overrides_parse_as_yaml() -> None:
     for bad in ("engine_process", "=true"):
         with pytest.raises(ValueError, match="KEY=VALUE"):
             parse_app_args([bad])
+
+
+class FakeProcess:
+    """Stands in for a subprocess the runner starts (`serve run`, locust): records its command and
+    environment; as a locust process it appends a start event and one request to the events file."""
+
+    def __init__(self, cmd: list[str], returncode: int, launched: list[FakeProcess], env: dict[str, str],
+                 **_: Any) -> None:
+        self.cmd, self.env, self.returncode = list(cmd), dict(env), returncode
+        launched.append(self)
+        if "LOADTEST_EVENTS" in env:
+            t0 = float(env["LOADTEST_T0"])
+            with open(env["LOADTEST_EVENTS"], "a", encoding="utf-8") as f:
+                f.write(json.dumps({"event": "start", "t": t0}) + "\n")
+                f.write(json.dumps({"event": "request", "t": t0 + 1, "kind": "generate", "adapter": cmd[-1],
+                                    "status": 200, "error": None, "latency_s": 0.1, "ttft_s": None,
+                                    "tokens": 1}) + "\n")
+
+    def poll(self) -> int:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.returncode
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+def fake_popen(monkeypatch: pytest.MonkeyPatch, returncode: int) -> list[FakeProcess]:
+    launched: list[FakeProcess] = []
+    monkeypatch.setattr(run_loadtest.subprocess, "Popen",
+                        lambda cmd, **kw: FakeProcess(cmd, returncode, launched, **kw))
+    return launched
+
+
+def test_serve_run_passes_the_ingress_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--haproxy` reaches `serve run`'s environment (Serve reads it once, at start); without it the
+    server keeps Serve's Python proxy, in the throughput-optimized mode the README serves with."""
+    monkeypatch.setenv(run_loadtest.ADMIN_TOKEN_ENV, "test-token")
+    monkeypatch.delenv(HAPROXY_ENV, raising=False)
+    monkeypatch.delenv(SERVE_THROUGHPUT_ENV, raising=False)
+    for haproxy in (True, False):
+        launched = fake_popen(monkeypatch, returncode=1)  # exits at once: serve_run reports it
+        with pytest.raises(RuntimeError, match="exited with 1"), serve_run(
+                run_loadtest.REPO / "config.yaml", 8999, model="demo", haproxy=haproxy):
+            pass
+        (proc,) = launched
+        assert proc.cmd[-2] == "run" and proc.env[SERVE_THROUGHPUT_ENV] == "1"
+        assert proc.env.get(HAPROXY_ENV) == ("1" if haproxy else None)
+
+
+def test_noisy_tenants_get_a_locust_process_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The light adapters' users and the floods' run in separate locust processes (as separate clients
+    would), with one start time, each with its own CSV prefix, into one event log, at the server's
+    CPU priority."""
+    monkeypatch.delenv(run_loadtest.RAY_WORKER_NICENESS_ENV, raising=False)
+    launched = fake_popen(monkeypatch, returncode=0)
+    args = argparse.Namespace(scenario="noisy", duration=1.0, users=2, idle_users=1, max_requests=10,
+                              stream_fraction=0.5, adapters="")
+    run = run_locust(args, "http://127.0.0.1:9", tmp_path)  # nothing listens there: the samplers stay empty
+    assert [p.cmd[-2:] for p in launched] == [["LightB", "LightC"], ["FloodA1", "FloodA2"]]
+    # At the niceness Ray gives the server's processes (its worker_niceness), not above them.
+    assert all(p.cmd[:3] == ["nice", "-n", "15"] and p.cmd[4:6] == ["-m", "locust"] for p in launched)
+    csvs = [p.cmd[p.cmd.index("--csv") + 1] for p in launched]
+    assert csvs == [str(tmp_path / "locust_light"), str(tmp_path / "locust_flood")]
+    (t0,) = {p.env["LOADTEST_T0"] for p in launched}
+    assert run.start == float(t0) and sorted(r["adapter"] for r in run.requests) == ["FloodA2", "LightC"]
+    assert all(r["rel"] == 1.0 for r in run.requests)
+
+    launched.clear()
+    run_locust(argparse.Namespace(**{**vars(args), "scenario": "burst"}), "http://127.0.0.1:9", tmp_path)
+    (burst,) = launched  # one process runs all of a scenario's users otherwise
+    assert burst.cmd[-2:] == ["--csv", str(tmp_path / "locust")]

@@ -12,6 +12,7 @@ Environment (set by the runner, all optional):
     LOADTEST_STREAM_FRACTION share of requests sent to /generate_stream (default 0.5)
     LOADTEST_ADAPTERS        comma-separated adapter ids (default: the server's, from GET /info)
     LOADTEST_WAIT_S          think time between a user's requests (default 0.05)
+    LOADTEST_T0              the test's start (unix time) shared by several locust processes
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def env_float(name: str, default: float) -> float:
     return float(value) if value not in (None, "") else default
 
 
+def test_start_time() -> float:
+    """When the test started: LOADTEST_T0 (a unix time) when the runner starts several locust
+    processes for one test (their phases must count from the same moment), else now."""
+    return env_float("LOADTEST_T0", 0.0) or time.time()
+
+
 def write_event(record: dict[str, Any]) -> None:
     if _log is not None:
         _log.write(json.dumps(record) + "\n")
@@ -51,7 +58,7 @@ def _on_start(environment: Environment, **_: Any) -> None:
     path = os.environ.get("LOADTEST_EVENTS")
     if path:
         _log = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed at test_stop
-    write_event({"event": "start", "t": time.time()})
+    write_event({"event": "start", "t": test_start_time()})
 
 
 @events.test_stop.add_listener
