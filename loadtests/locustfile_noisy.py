@@ -1,17 +1,19 @@
 """Noisy neighbours: two adapters flood while two others send light traffic (loadtests/scenarios/noisy.py).
 
-Users per role: B and C, LOADTEST_LIGHT_USERS each (default 4: enough that a slower answer does not lower the rate), together LOADTEST_LIGHT_RPS requests
-per second per role (default 2.5, about a tenth of what one demo replica serves), every request
-streamed (TTFT from the stream); they run alone for the first 30% of the run. Then A1 and A2 join
-(their users exist from the start and wait for that moment: exact user counts all along),
-LOADTEST_USERS each (default 48), each user starting LOADTEST_FLOOD_USER_RPS requests per second
-(default 1). Every user's requests start as a Poisson process (`NoisyUser.wait_time`), as the
-in-process benchmark's arrivals. The floods keep more requests in flight than the adapter's seats
-plus its waiting bound, so part of
-every flood is refused (429) at arrival; half of theirs streamed. A flood user that gets a 429 does
-not wait for Retry-After: it keeps sending at its rate, as a misbehaving client would.
+Users per role: B and C, LOADTEST_LIGHT_USERS each (default 4: enough that slower answers beside
+the floods do not lower their rate), together LOADTEST_LIGHT_RPS requests per second per role
+(default 2.5, about a tenth of what one demo replica serves), every request streamed (TTFT from
+the stream); they run alone for the first 30% of the run. Then A1 and A2 join (their users exist
+from the start and wait for that moment: exact user counts all along), LOADTEST_USERS each
+(default 48), each user starting LOADTEST_FLOOD_USER_RPS requests per second (default 1). Every
+user's requests start as a Poisson process (`NoisyUser.wait_time`), as the in-process benchmark's
+arrivals. The floods keep more requests in flight than the adapter's seats plus its waiting bound,
+so part of every flood is refused (429) at arrival; half of theirs streamed. A flood user that
+gets a 429 does not wait for Retry-After: it keeps sending at its rate, as a misbehaving client
+would. The runner starts B's and C's users and the floods' in separate locust processes.
 
     python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --out loadtests/results/noisy
+    python -m loadtests.run_loadtest --scenario noisy --duration 120 --model demo --haproxy --out loadtests/results/noisy_haproxy
 """
 
 from __future__ import annotations
