@@ -12,7 +12,7 @@ handle's `multiplexed_model_id` (Serve carries it in the request metadata the ro
    overall by more than `imbalance_threshold` requests (affinity must not pile a hot adapter onto
    one replica while another idles: then load wins, and the idle replica loads the adapter);
 2. otherwise (no adapter, an adapter no replica holds, or too much imbalance): power of two
-   choices, the less loaded of two random replicas.
+   choices, the less loaded of two random replicas first and the other next (see `rank_replicas`).
 
 Advertised residency lags: a replica reports its adapters once a period and the controller then
 broadcasts them, so for a second or two after a replica first gets an adapter no router knows it
@@ -71,7 +71,10 @@ def rank_replicas(
 
     Affinity: [[best holder], [everyone else]] when the least-loaded holder of `adapter_id` is at
     most `imbalance_threshold` busier than the least-loaded replica. Otherwise power of two
-    choices: [[two random replicas], [the rest]] (one rank when there are at most two replicas).
+    choices, decided here: [[the less loaded of two random replicas], [the other], [the rest]]
+    (ties broken at random). Not one rank with both: within a rank Serve takes a replica whose
+    queue length it has cached over one it would have to probe, so a burst of requests for new
+    adapters all went to the one replica it had heard from last, and stayed there by affinity.
     """
     if not replicas:
         return []
@@ -84,11 +87,12 @@ def rank_replicas(
             if best.load - least <= imbalance_threshold:
                 rest = [r.replica_id for r in sorted(replicas, key=lambda r: r.load) if r is not best]
                 return [[best.replica_id], rest] if rest else [[best.replica_id]]
-    ids = [r.replica_id for r in replicas]
-    if len(ids) <= 2:
-        return [ids]
-    pair = rng.sample(ids, 2)
-    return [pair, [i for i in ids if i not in pair]]
+    if len(replicas) == 1:
+        return [[replicas[0].replica_id]]
+    pair = sorted(rng.sample(list(replicas), 2), key=lambda r: (r.load, rng.random()))
+    ranks = [[pair[0].replica_id], [pair[1].replica_id]]
+    rest = [r.replica_id for r in replicas if r is not pair[0] and r is not pair[1]]
+    return [*ranks, rest] if rest else ranks
 
 
 def replica_view(replica_id: str, routing_stats: Mapping[str, Any] | None, queue_len: int | None) -> ReplicaView:
