@@ -730,9 +730,7 @@ def run_locust(args: argparse.Namespace, url: str, out: Path) -> Run:
                 print(f"[loadtest] t={time.time() - t0:5.0f}s requests={done} failed={failed} replicas={reps}",
                       flush=True)
                 if time.time() - t0 > args.duration + 120:
-                    for proc in procs:  # locust did not stop by itself: bound the run anyway
-                        if proc.poll() is None:
-                            proc.terminate()
+                    break  # locust did not stop by itself: bound the run anyway (terminated below)
         finally:
             for proc in procs:
                 if proc.poll() is None:
